@@ -1,0 +1,560 @@
+//! Configuration: the TOML file, `${env:NAME}` references, and validated types.
+//!
+//! Parse, don't validate: [`raw`] mirrors the file (serde, unknown keys refused), then
+//! [`Config::from_raw`] checks every value once and produces types that cannot hold an invalid
+//! value (socket addresses, `Duration`s, non-zero counts). Every error carries the key path
+//! (`listener[0].bind`) so `wsedge check` can point at the offending line of thought.
+//!
+//! The embedded default (`config/default.toml`, printed by `wsedge print-config`) is what
+//! `wsedge` serves with no `--config`; a test checks that it parses and equals the defaults
+//! of the raw types, so the commented file and the code cannot drift apart.
+
+pub mod raw;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::proto::Limits;
+
+/// The embedded default configuration file, with comments.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../config/default.toml");
+
+/// A configuration error, with the path of the key it concerns.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    /// Dotted key path, e.g. `listener[0].bind`; `(file)` for errors about the whole file.
+    pub path: String,
+    /// What is wrong and, where useful, what is expected.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Which I/O backend the shards use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoMode {
+    /// io_uring when the kernel allows it, else epoll (logged once at startup).
+    Auto,
+    /// io_uring or fail at startup.
+    Uring,
+    /// epoll readiness (the fallback driver), even where io_uring works.
+    Epoll,
+}
+
+impl FromStr for IoMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "uring" | "io_uring" => Ok(Self::Uring),
+            "epoll" | "poll" => Ok(Self::Epoll),
+            other => Err(format!(
+                "unknown io backend `{other}` (expected auto, uring or epoll)"
+            )),
+        }
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Shards, backend and drain.
+    pub runtime: RuntimeConfig,
+    /// WebSocket listeners (at least one).
+    pub listeners: Vec<ListenerConfig>,
+    /// The admin listener, unless disabled.
+    pub admin: Option<AdminConfig>,
+}
+
+/// `[runtime]`, validated.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Shard count; `None` = one per available core.
+    pub shards: Option<NonZeroUsize>,
+    /// I/O backend choice.
+    pub io: IoMode,
+    /// Pin shard N to core N mod cores.
+    pub pin_threads: bool,
+    /// Close frames at shutdown are spread uniformly over this window.
+    pub drain_window: Duration,
+    /// Hard deadline of the drain, after which remaining connections are dropped.
+    pub drain_timeout: Duration,
+}
+
+/// One `[[listener]]`, validated.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Name for logs and metric labels (unique).
+    pub name: String,
+    /// Address to bind (port 0 picks a free port, shared by all shards).
+    pub bind: SocketAddr,
+    /// Kernel accept backlog per shard socket.
+    pub backlog: u32,
+    /// Open connections across all shards before the handshake answers 503.
+    pub max_connections: NonZeroUsize,
+    /// Deadline for the complete upgrade request.
+    pub handshake_timeout: Duration,
+    /// Largest upgrade request, bytes.
+    pub max_handshake_bytes: usize,
+    /// Inbound silence before a server ping; `None` disables keepalive.
+    pub idle_timeout: Option<Duration>,
+    /// Silence after the ping before closing.
+    pub pong_timeout: Duration,
+    /// Wait for the peer's close frame after ours.
+    pub close_timeout: Duration,
+    /// Frame and message caps handed to the protocol core.
+    pub limits: Limits,
+    /// Outbound bytes queued per connection before reads pause (backpressure).
+    pub max_pending_write_bytes: NonZeroUsize,
+    /// Routes by exact path.
+    pub routes: Vec<Route>,
+}
+
+/// One `[[listener.route]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Exact request path (query string ignored when matching).
+    pub path: String,
+    /// What the route does.
+    pub kind: RouteKind,
+}
+
+/// What a route does with a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RouteKind {
+    /// Send every text/binary message back unchanged.
+    Echo,
+}
+
+/// `[admin]`, validated.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Address to bind.
+    pub bind: SocketAddr,
+}
+
+impl Config {
+    /// The embedded default configuration.
+    pub fn embedded_default() -> Self {
+        // Invariant: the embedded file is checked by a unit test; it always parses.
+        Self::parse(DEFAULT_CONFIG_TOML).expect("embedded default config is valid")
+    }
+
+    /// Read and validate a configuration file.
+    ///
+    /// # Errors
+    /// Unreadable file, TOML syntax, unknown keys, wrong types, invalid values, missing
+    /// environment variables: each as a [`ConfigError`] naming the key.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("(file)", format!("cannot read {}: {e}", path.display()))
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parse and validate configuration text.
+    ///
+    /// # Errors
+    /// See [`Config::load`].
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let mut value: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::new("(file)", e.to_string().trim_end().to_string())
+        })?;
+        for (k, v) in value.iter_mut() {
+            expand_env(v, k)?;
+        }
+        let raw: raw::RawConfig = serde_path_to_error::deserialize(toml::Value::Table(value))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                ConfigError::new(
+                    if path == "." { "(file)".into() } else { path },
+                    e.into_inner().to_string(),
+                )
+            })?;
+        Self::from_raw(raw)
+    }
+
+    /// Validate raw values.
+    ///
+    /// # Errors
+    /// The first invalid value, with its key path.
+    pub fn from_raw(raw: raw::RawConfig) -> Result<Self, ConfigError> {
+        let r = &raw.runtime;
+        let runtime = RuntimeConfig {
+            shards: NonZeroUsize::new(r.shards),
+            io: r
+                .io
+                .parse()
+                .map_err(|m| ConfigError::new("runtime.io", m))?,
+            pin_threads: r.pin_threads,
+            drain_window: Duration::from_millis(r.drain_window_ms),
+            drain_timeout: positive_ms(r.drain_timeout_ms, "runtime.drain_timeout_ms")?,
+        };
+        if runtime.drain_window > runtime.drain_timeout {
+            return Err(ConfigError::new(
+                "runtime.drain_window_ms",
+                "must not exceed runtime.drain_timeout_ms",
+            ));
+        }
+        if r.shards > 1024 {
+            return Err(ConfigError::new("runtime.shards", "at most 1024"));
+        }
+        if raw.listener.is_empty() {
+            return Err(ConfigError::new(
+                "listener",
+                "at least one [[listener]] is required",
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut binds = HashSet::new();
+        let mut listeners = Vec::with_capacity(raw.listener.len());
+        for (i, l) in raw.listener.iter().enumerate() {
+            let listener = validate_listener(i, l)?;
+            if !names.insert(listener.name.clone()) {
+                return Err(ConfigError::new(
+                    format!("listener[{i}].name"),
+                    format!("duplicate listener name `{}`", listener.name),
+                ));
+            }
+            if listener.bind.port() != 0 && !binds.insert(listener.bind) {
+                return Err(ConfigError::new(
+                    format!("listener[{i}].bind"),
+                    format!("address {} is used by another listener", listener.bind),
+                ));
+            }
+            listeners.push(listener);
+        }
+        let admin = if raw.admin.enabled {
+            let bind = parse_addr(&raw.admin.bind, "admin.bind")?;
+            if bind.port() != 0 && binds.contains(&bind) {
+                return Err(ConfigError::new(
+                    "admin.bind",
+                    format!("address {bind} is used by a listener"),
+                ));
+            }
+            Some(AdminConfig { bind })
+        } else {
+            None
+        };
+        Ok(Self {
+            runtime,
+            listeners,
+            admin,
+        })
+    }
+}
+
+fn validate_listener(i: usize, l: &raw::RawListener) -> Result<ListenerConfig, ConfigError> {
+    let p = |key: &str| format!("listener[{i}].{key}");
+    let name = if l.name.is_empty() {
+        format!("listener{i}")
+    } else {
+        l.name.clone()
+    };
+    let limits = Limits {
+        max_frame_bytes: bounded(l.max_frame_bytes, 1, 1 << 30, &p("max_frame_bytes"))?,
+        max_message_bytes: bounded(l.max_message_bytes, 1, 1 << 30, &p("max_message_bytes"))?,
+    };
+    let mut paths = HashSet::new();
+    let mut routes = Vec::with_capacity(l.route.len());
+    for (j, r) in l.route.iter().enumerate() {
+        let rp = |key: &str| format!("listener[{i}].route[{j}].{key}");
+        if !r.path.starts_with('/') {
+            return Err(ConfigError::new(rp("path"), "must start with `/`"));
+        }
+        if !paths.insert(r.path.clone()) {
+            return Err(ConfigError::new(
+                rp("path"),
+                format!("duplicate route path `{}`", r.path),
+            ));
+        }
+        let kind = match r.kind.as_str() {
+            "echo" => RouteKind::Echo,
+            other => {
+                return Err(ConfigError::new(
+                    rp("kind"),
+                    format!("unknown route kind `{other}` (expected: echo)"),
+                ));
+            }
+        };
+        routes.push(Route {
+            path: r.path.clone(),
+            kind,
+        });
+    }
+    if routes.is_empty() {
+        return Err(ConfigError::new(
+            p("route"),
+            "a listener needs at least one [[listener.route]]",
+        ));
+    }
+    Ok(ListenerConfig {
+        name,
+        bind: parse_addr(&l.bind, &p("bind"))?,
+        backlog: bounded(l.backlog as usize, 1, 65_535, &p("backlog"))? as u32,
+        max_connections: NonZeroUsize::new(l.max_connections)
+            .ok_or_else(|| ConfigError::new(p("max_connections"), "must be at least 1"))?,
+        handshake_timeout: positive_ms(l.handshake_timeout_ms, &p("handshake_timeout_ms"))?,
+        max_handshake_bytes: bounded(
+            l.max_handshake_bytes,
+            256,
+            1 << 20,
+            &p("max_handshake_bytes"),
+        )?,
+        idle_timeout: (l.idle_timeout_ms > 0).then(|| Duration::from_millis(l.idle_timeout_ms)),
+        pong_timeout: positive_ms(l.pong_timeout_ms, &p("pong_timeout_ms"))?,
+        close_timeout: positive_ms(l.close_timeout_ms, &p("close_timeout_ms"))?,
+        limits,
+        max_pending_write_bytes: NonZeroUsize::new(bounded(
+            l.max_pending_write_bytes,
+            1024,
+            1 << 30,
+            &p("max_pending_write_bytes"),
+        )?)
+        .expect("bounded below by 1024"),
+        routes,
+    })
+}
+
+fn parse_addr(s: &str, path: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse().map_err(|_| {
+        ConfigError::new(
+            path,
+            format!("`{s}` is not a socket address (expected IP:PORT, e.g. 127.0.0.1:8080)"),
+        )
+    })
+}
+
+fn positive_ms(ms: u64, path: &str) -> Result<Duration, ConfigError> {
+    if ms == 0 {
+        return Err(ConfigError::new(path, "must be greater than 0"));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+fn bounded(v: usize, min: usize, max: usize, path: &str) -> Result<usize, ConfigError> {
+    if v < min || v > max {
+        return Err(ConfigError::new(
+            path,
+            format!("{v} is out of range ({min}..={max})"),
+        ));
+    }
+    Ok(v)
+}
+
+/// Replace `${env:NAME}` in every string value, in place.
+fn expand_env(v: &mut toml::Value, path: &str) -> Result<(), ConfigError> {
+    match v {
+        toml::Value::String(s) if s.contains("${env:") => {
+            *s = expand_env_str(s).map_err(|m| ConfigError::new(path, m))?;
+        }
+        toml::Value::Array(a) => {
+            for (i, item) in a.iter_mut().enumerate() {
+                expand_env(item, &format!("{path}[{i}]"))?;
+            }
+        }
+        toml::Value::Table(t) => {
+            for (k, item) in t.iter_mut() {
+                expand_env(item, &format!("{path}.{k}"))?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Expand `${env:NAME}` references in one string. The error never contains the value.
+fn expand_env_str(s: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${env:") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 6..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| "unterminated `${env:` reference".to_string())?;
+        let name = &after[..end];
+        if name.is_empty() {
+            return Err("empty environment variable name in `${env:}`".into());
+        }
+        let val =
+            std::env::var(name).map_err(|_| format!("environment variable `{name}` is not set"))?;
+        out.push_str(&val);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+impl fmt::Display for IoMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Uring => "uring",
+            Self::Epoll => "epoll",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses_and_matches_raw_defaults() {
+        let c = Config::embedded_default();
+        assert_eq!(c.listeners.len(), 1);
+        let l = &c.listeners[0];
+        assert_eq!(l.bind, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(l.routes[0].kind, RouteKind::Echo);
+        assert_eq!(c.admin.unwrap().bind, "127.0.0.1:9090".parse().unwrap());
+        // Every value written in the commented file equals the code default, so the file
+        // documents the real defaults.
+        let file: raw::RawConfig = toml::from_str(DEFAULT_CONFIG_TOML).unwrap();
+        let d = raw::RawListener::default();
+        let f = &file.listener[0];
+        assert_eq!(
+            format!(
+                "{:?}",
+                raw::RawListener {
+                    route: vec![],
+                    name: String::new(),
+                    ..f.clone()
+                }
+            ),
+            format!("{:?}", d)
+        );
+        assert_eq!(
+            format!("{:?}", file.runtime),
+            format!("{:?}", raw::RawRuntime::default())
+        );
+        assert_eq!(
+            format!("{:?}", file.admin),
+            format!("{:?}", raw::RawAdmin::default())
+        );
+    }
+
+    /// Dotted key paths of a TOML document (array-of-tables flattened, indices dropped).
+    fn keys(v: &toml::Value, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, item) in t {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    match item {
+                        toml::Value::Table(_) => keys(item, &p, out),
+                        toml::Value::Array(a)
+                            if a.iter().all(|x| x.is_table()) && !a.is_empty() =>
+                        {
+                            for x in a {
+                                keys(x, &p, out);
+                            }
+                        }
+                        _ => {
+                            out.insert(p);
+                        }
+                    }
+                }
+            }
+            _ => unreachable!("keys() is called on tables"),
+        }
+    }
+
+    #[test]
+    fn reference_doc_default_file_and_types_list_the_same_keys() {
+        let mut from_types = Default::default();
+        let mut raw = raw::RawConfig::default();
+        raw.listener.push(raw::RawListener {
+            route: vec![raw::RawRoute {
+                path: "/echo".into(),
+                kind: "echo".into(),
+            }],
+            ..Default::default()
+        });
+        keys(&toml::Value::try_from(&raw).unwrap(), "", &mut from_types);
+        let mut from_default = Default::default();
+        keys(
+            &DEFAULT_CONFIG_TOML.parse::<toml::Table>().unwrap().into(),
+            "",
+            &mut from_default,
+        );
+        assert_eq!(
+            from_types, from_default,
+            "config/default.toml must show every key"
+        );
+        let doc = include_str!("../../docs/configuration.md");
+        let documented: std::collections::BTreeSet<String> = doc
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `")?.split('`').next().map(str::to_string))
+            .collect();
+        assert_eq!(
+            from_types, documented,
+            "docs/configuration.md must document every key"
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_its_path() {
+        let e = Config::parse("[[listener]]\nbind='127.0.0.1:1'\nmax_conections=3\n").unwrap_err();
+        assert_eq!(e.path, "listener[0].max_conections");
+        assert!(e.message.contains("max_conections"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_path() {
+        let base = "[[listener]]\nbind='127.0.0.1:1'\n[[listener.route]]\npath='/e'\nkind='echo'\n";
+        assert!(Config::parse(base).is_ok());
+        let e = Config::parse(&base.replace("127.0.0.1:1", "nope")).unwrap_err();
+        assert_eq!(e.path, "listener[0].bind");
+        let e = Config::parse(&base.replace("'echo'", "'teleport'")).unwrap_err();
+        assert_eq!(e.path, "listener[0].route[0].kind");
+        let e = Config::parse(&base.replace("'/e'", "'e'")).unwrap_err();
+        assert_eq!(e.path, "listener[0].route[0].path");
+        let e = Config::parse(&format!("{base}[runtime]\nio='kqueue'\n")).unwrap_err();
+        assert_eq!(e.path, "runtime.io");
+        let e = Config::parse(&format!("{base}[runtime]\nshards='two'\n")).unwrap_err();
+        assert_eq!(e.path, "runtime.shards");
+        let e = Config::parse("[runtime]\nshards=1\n").unwrap_err();
+        assert_eq!(e.path, "listener");
+        let e = Config::parse("[[listener]\n").unwrap_err();
+        assert_eq!(e.path, "(file)");
+        let e = Config::parse(&base.replace("bind=", "max_frame_bytes=0\nbind=")).unwrap_err();
+        assert_eq!(e.path, "listener[0].max_frame_bytes");
+    }
+
+    #[test]
+    fn env_references_expand_and_missing_ones_fail_without_leaking() {
+        // SAFETY-free: set_var is safe on edition 2024 only in unsafe; use a variable the
+        // test process surely has instead.
+        let path = std::env::var("PATH").unwrap_or_default();
+        assert_eq!(
+            expand_env_str("a${env:PATH}b").unwrap(),
+            format!("a{path}b")
+        );
+        let e = expand_env_str("x${env:WSEDGE_SURELY_UNSET_123}").unwrap_err();
+        assert!(e.contains("WSEDGE_SURELY_UNSET_123"));
+        assert!(expand_env_str("${env:NAME").is_err());
+        let e = Config::parse(
+            "[[listener]]\nname='${env:WSEDGE_SURELY_UNSET_123}'\nbind='127.0.0.1:1'\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "listener[0].name");
+    }
+}

@@ -1,0 +1,128 @@
+//! The configuration file as written: serde types that mirror the TOML one to one.
+//!
+//! Every struct denies unknown keys and takes its defaults from `Default`, so a missing key
+//! means "the documented default" and a misspelled key is an error naming its path. These
+//! types may hold invalid values; [`super::Config::from_raw`] turns them into validated ones.
+
+use serde::{Deserialize, Serialize};
+
+/// Root of the configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    /// `[runtime]`: shards, I/O backend, drain.
+    pub runtime: RawRuntime,
+    /// `[[listener]]`: WebSocket listeners.
+    pub listener: Vec<RawListener>,
+    /// `[admin]`: the admin HTTP listener.
+    pub admin: RawAdmin,
+}
+
+/// `[runtime]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRuntime {
+    /// Shard count; 0 = one per available core.
+    pub shards: usize,
+    /// `auto`, `uring` or `epoll`.
+    pub io: String,
+    /// Pin shard threads to cores.
+    pub pin_threads: bool,
+    /// Window over which close frames are spread at shutdown.
+    pub drain_window_ms: u64,
+    /// Deadline for the whole drain.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for RawRuntime {
+    fn default() -> Self {
+        Self {
+            shards: 0,
+            io: "auto".into(),
+            pin_threads: true,
+            drain_window_ms: 2_000,
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// `[[listener]]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawListener {
+    /// Name used in logs and metric labels.
+    pub name: String,
+    /// Socket address to bind.
+    pub bind: String,
+    /// Kernel accept backlog per shard socket.
+    pub backlog: u32,
+    /// Open connections across all shards.
+    pub max_connections: usize,
+    /// Upgrade request deadline.
+    pub handshake_timeout_ms: u64,
+    /// Upgrade request size cap.
+    pub max_handshake_bytes: usize,
+    /// Inbound silence before a ping.
+    pub idle_timeout_ms: u64,
+    /// Silence after the ping before the connection is closed.
+    pub pong_timeout_ms: u64,
+    /// Wait for the peer's close frame.
+    pub close_timeout_ms: u64,
+    /// Frame size cap.
+    pub max_frame_bytes: usize,
+    /// Message size cap.
+    pub max_message_bytes: usize,
+    /// Outbound queue cap before reads pause.
+    pub max_pending_write_bytes: usize,
+    /// `[[listener.route]]`.
+    pub route: Vec<RawRoute>,
+}
+
+impl Default for RawListener {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            bind: "127.0.0.1:8080".into(),
+            backlog: 1024,
+            max_connections: 100_000,
+            handshake_timeout_ms: 5_000,
+            max_handshake_bytes: 8192,
+            idle_timeout_ms: 60_000,
+            pong_timeout_ms: 10_000,
+            close_timeout_ms: 5_000,
+            max_frame_bytes: 16 << 20,
+            max_message_bytes: 16 << 20,
+            max_pending_write_bytes: 1 << 20,
+            route: Vec::new(),
+        }
+    }
+}
+
+/// `[[listener.route]]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// Request path, exact match.
+    pub path: String,
+    /// What the route does: `echo`.
+    pub kind: String,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    /// Serve the admin listener at all.
+    pub enabled: bool,
+    /// Socket address to bind.
+    pub bind: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            bind: "127.0.0.1:9090".into(),
+        }
+    }
+}

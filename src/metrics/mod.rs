@@ -1,0 +1,422 @@
+//! Metrics: plain per-shard counters, snapshots, merging and the exporters.
+//!
+//! Each shard owns one [`ShardMetrics`] (`Cell`s: no atomics, no locks on the hot path; the
+//! shard is single-threaded). The admin listener asks every shard for a [`Snapshot`] over the
+//! shard control channel, then [`render_prometheus`] merges them into Prometheus text and
+//! [`render_stats_json`] lists them per shard.
+
+use std::cell::{Cell, RefCell};
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// Why a handshake did not end in `101 Switching Protocols`. Metric label `reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// 400: not a valid WebSocket upgrade request.
+    Malformed,
+    /// 405: method other than GET.
+    MethodNotAllowed,
+    /// 426: Sec-WebSocket-Version other than 13.
+    UnsupportedVersion,
+    /// 431: request or headers too large.
+    TooLarge,
+    /// 404: no route for the path.
+    NoRoute,
+    /// 503: the listener is at `max_connections`.
+    OverCapacity,
+    /// The request did not arrive within `handshake_timeout_ms`.
+    Timeout,
+    /// The socket failed or closed before the request was complete.
+    Io,
+}
+
+impl HandshakeFailure {
+    /// All variants, in label order.
+    pub const ALL: [Self; 8] = [
+        Self::Malformed,
+        Self::MethodNotAllowed,
+        Self::UnsupportedVersion,
+        Self::TooLarge,
+        Self::NoRoute,
+        Self::OverCapacity,
+        Self::Timeout,
+        Self::Io,
+    ];
+
+    /// The metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::TooLarge => "too_large",
+            Self::NoRoute => "no_route",
+            Self::OverCapacity => "over_capacity",
+            Self::Timeout => "timeout",
+            Self::Io => "io",
+        }
+    }
+
+    /// Classify an HTTP error status sent in answer to a bad upgrade request.
+    pub fn from_status(status: u16) -> Self {
+        match status {
+            405 => Self::MethodNotAllowed,
+            426 => Self::UnsupportedVersion,
+            431 => Self::TooLarge,
+            404 => Self::NoRoute,
+            503 => Self::OverCapacity,
+            _ => Self::Malformed,
+        }
+    }
+}
+
+/// Live counters of one shard. Only the shard thread touches them.
+#[derive(Debug, Default)]
+pub struct ShardMetrics {
+    connections_open: Cell<u64>,
+    connections_total: Cell<u64>,
+    messages_in: Cell<u64>,
+    bytes_in: Cell<u64>,
+    messages_out: Cell<u64>,
+    bytes_out: Cell<u64>,
+    pings_sent: Cell<u64>,
+    idle_closes: Cell<u64>,
+    handshake_failures: [Cell<u64>; 8],
+    closes: RefCell<Vec<(u16, u64)>>,
+}
+
+fn bump(c: &Cell<u64>, n: u64) {
+    c.set(c.get().wrapping_add(n));
+}
+
+impl ShardMetrics {
+    /// A WebSocket connection was established (after the 101 was written).
+    pub fn on_open(&self) {
+        bump(&self.connections_open, 1);
+        bump(&self.connections_total, 1);
+    }
+
+    /// A WebSocket connection ended; `code` is the close code that ended it (1006 when the
+    /// TCP connection ended without a close frame).
+    pub fn on_close(&self, code: u16) {
+        self.connections_open
+            .set(self.connections_open.get().saturating_sub(1));
+        let mut closes = self.closes.borrow_mut();
+        match closes.iter_mut().find(|(c, _)| *c == code) {
+            Some((_, n)) => *n += 1,
+            None => closes.push((code, 1)),
+        }
+    }
+
+    /// A complete message arrived.
+    pub fn on_message_in(&self, bytes: usize) {
+        bump(&self.messages_in, 1);
+        bump(&self.bytes_in, bytes as u64);
+    }
+
+    /// A message was queued for a client.
+    pub fn on_message_out(&self, bytes: usize) {
+        bump(&self.messages_out, 1);
+        bump(&self.bytes_out, bytes as u64);
+    }
+
+    /// A keepalive ping was sent.
+    pub fn on_ping_sent(&self) {
+        bump(&self.pings_sent, 1);
+    }
+
+    /// A connection was closed for silence after a ping.
+    pub fn on_idle_close(&self) {
+        bump(&self.idle_closes, 1);
+    }
+
+    /// A handshake failed.
+    pub fn on_handshake_failure(&self, why: HandshakeFailure) {
+        bump(&self.handshake_failures[why as usize], 1);
+    }
+
+    /// Open connections on this shard.
+    pub fn connections_open(&self) -> u64 {
+        self.connections_open.get()
+    }
+
+    /// Copy the counters out.
+    pub fn snapshot(&self, shard: usize) -> Snapshot {
+        let mut closes = self.closes.borrow().clone();
+        closes.sort_unstable();
+        Snapshot {
+            shard,
+            connections_open: self.connections_open.get(),
+            connections_total: self.connections_total.get(),
+            messages_in: self.messages_in.get(),
+            bytes_in: self.bytes_in.get(),
+            messages_out: self.messages_out.get(),
+            bytes_out: self.bytes_out.get(),
+            pings_sent: self.pings_sent.get(),
+            idle_closes: self.idle_closes.get(),
+            handshake_failures: HandshakeFailure::ALL
+                .iter()
+                .map(|f| (f.label(), self.handshake_failures[*f as usize].get()))
+                .collect(),
+            closes,
+        }
+    }
+}
+
+/// A copy of one shard's counters at one moment.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Shard index.
+    pub shard: usize,
+    /// Open WebSocket connections.
+    pub connections_open: u64,
+    /// WebSocket connections ever established.
+    pub connections_total: u64,
+    /// Complete messages received.
+    pub messages_in: u64,
+    /// Payload bytes of messages received.
+    pub bytes_in: u64,
+    /// Messages queued for clients.
+    pub messages_out: u64,
+    /// Payload bytes of messages queued for clients.
+    pub bytes_out: u64,
+    /// Keepalive pings sent.
+    pub pings_sent: u64,
+    /// Connections closed after a ping went unanswered.
+    pub idle_closes: u64,
+    /// Handshake failures by reason label.
+    pub handshake_failures: Vec<(&'static str, u64)>,
+    /// Connections ended, by close code.
+    pub closes: Vec<(u16, u64)>,
+}
+
+impl Snapshot {
+    /// Add `other` into `self` (shard index is kept).
+    pub fn merge(&mut self, other: &Snapshot) {
+        self.connections_open += other.connections_open;
+        self.connections_total += other.connections_total;
+        self.messages_in += other.messages_in;
+        self.bytes_in += other.bytes_in;
+        self.messages_out += other.messages_out;
+        self.bytes_out += other.bytes_out;
+        self.pings_sent += other.pings_sent;
+        self.idle_closes += other.idle_closes;
+        for (label, n) in &other.handshake_failures {
+            match self.handshake_failures.iter_mut().find(|(l, _)| l == label) {
+                Some((_, m)) => *m += n,
+                None => self.handshake_failures.push((label, *n)),
+            }
+        }
+        for (code, n) in &other.closes {
+            match self.closes.iter_mut().find(|(c, _)| c == code) {
+                Some((_, m)) => *m += n,
+                None => self.closes.push((*code, *n)),
+            }
+        }
+        self.closes.sort_unstable();
+    }
+
+    /// Handshake failures with this reason.
+    pub fn handshake_failures(&self, why: HandshakeFailure) -> u64 {
+        self.handshake_failures
+            .iter()
+            .find(|(l, _)| *l == why.label())
+            .map_or(0, |(_, n)| *n)
+    }
+
+    /// Connections that ended with this close code.
+    pub fn closes(&self, code: u16) -> u64 {
+        self.closes
+            .iter()
+            .find(|(c, _)| *c == code)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
+/// Merge per-shard snapshots into one total.
+pub fn merge(snaps: &[Snapshot]) -> Snapshot {
+    let mut total = Snapshot::default();
+    for s in snaps {
+        total.merge(s);
+    }
+    total
+}
+
+/// Process-wide facts shown next to the counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct Info {
+    /// `io_uring` or `epoll`.
+    pub io_backend: &'static str,
+    /// Number of shards.
+    pub shards: usize,
+    /// True while draining for shutdown.
+    pub draining: bool,
+}
+
+/// Prometheus text exposition (version 0.0.4) of the merged counters.
+pub fn render_prometheus(info: &Info, snaps: &[Snapshot]) -> String {
+    let t = merge(snaps);
+    let mut out = String::with_capacity(2048);
+    let mut metric = |name: &str, kind: &str, help: &str, series: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in series {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let one = |v: u64| vec![(String::new(), v)];
+    metric(
+        "wsedge_info",
+        "gauge",
+        "Build and runtime facts (value is always 1).",
+        &[(
+            format!(
+                "{{version=\"{}\",io_backend=\"{}\"}}",
+                env!("CARGO_PKG_VERSION"),
+                info.io_backend
+            ),
+            1,
+        )],
+    );
+    metric(
+        "wsedge_shards",
+        "gauge",
+        "Number of shards.",
+        &one(info.shards as u64),
+    );
+    metric(
+        "wsedge_draining",
+        "gauge",
+        "1 while the server drains for shutdown.",
+        &one(info.draining as u64),
+    );
+    metric(
+        "wsedge_connections_open",
+        "gauge",
+        "Open WebSocket connections.",
+        &one(t.connections_open),
+    );
+    metric(
+        "wsedge_connections_total",
+        "counter",
+        "WebSocket connections established.",
+        &one(t.connections_total),
+    );
+    metric(
+        "wsedge_messages_in_total",
+        "counter",
+        "Complete messages received from clients.",
+        &one(t.messages_in),
+    );
+    metric(
+        "wsedge_bytes_in_total",
+        "counter",
+        "Payload bytes of messages received from clients.",
+        &one(t.bytes_in),
+    );
+    metric(
+        "wsedge_messages_out_total",
+        "counter",
+        "Messages queued for clients.",
+        &one(t.messages_out),
+    );
+    metric(
+        "wsedge_bytes_out_total",
+        "counter",
+        "Payload bytes of messages queued for clients.",
+        &one(t.bytes_out),
+    );
+    metric(
+        "wsedge_pings_sent_total",
+        "counter",
+        "Keepalive pings sent to idle clients.",
+        &one(t.pings_sent),
+    );
+    metric(
+        "wsedge_idle_closes_total",
+        "counter",
+        "Connections closed because a keepalive ping went unanswered.",
+        &one(t.idle_closes),
+    );
+    let hs: Vec<_> = t
+        .handshake_failures
+        .iter()
+        .map(|(l, n)| (format!("{{reason=\"{l}\"}}"), *n))
+        .collect();
+    metric(
+        "wsedge_handshake_failures_total",
+        "counter",
+        "Upgrade requests not answered with 101, by reason.",
+        &hs,
+    );
+    let closes: Vec<_> = t
+        .closes
+        .iter()
+        .map(|(c, n)| (format!("{{code=\"{c}\"}}"), *n))
+        .collect();
+    metric(
+        "wsedge_closes_total",
+        "counter",
+        "WebSocket connections ended, by close code (1006: no close frame).",
+        &closes,
+    );
+    out
+}
+
+/// `/stats` JSON: facts, merged totals and per-shard snapshots.
+pub fn render_stats_json(info: &Info, snaps: &[Snapshot]) -> String {
+    #[derive(Serialize)]
+    struct Stats<'a> {
+        info: &'a Info,
+        total: Snapshot,
+        shards: &'a [Snapshot],
+    }
+    let mut total = merge(snaps);
+    total.shard = usize::MAX;
+    // Invariant: these types serialize infallibly (no maps with non-string keys).
+    serde_json::to_string_pretty(&Stats {
+        info,
+        total,
+        shards: snaps,
+    })
+    .expect("stats serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_snapshot_merge_and_render() {
+        let a = ShardMetrics::default();
+        let b = ShardMetrics::default();
+        a.on_open();
+        a.on_open();
+        a.on_message_in(10);
+        a.on_close(1000);
+        b.on_open();
+        b.on_close(1006);
+        b.on_close(1000);
+        b.on_handshake_failure(HandshakeFailure::OverCapacity);
+        let snaps = [a.snapshot(0), b.snapshot(1)];
+        let t = merge(&snaps);
+        assert_eq!(t.connections_total, 3);
+        assert_eq!(t.closes(1000), 2);
+        assert_eq!(t.closes(1006), 1);
+        assert_eq!(t.handshake_failures(HandshakeFailure::OverCapacity), 1);
+        let info = Info {
+            io_backend: "epoll",
+            shards: 2,
+            draining: false,
+        };
+        let text = render_prometheus(&info, &snaps);
+        assert!(text.contains("wsedge_connections_total 3\n"));
+        assert!(text.contains("wsedge_closes_total{code=\"1000\"} 2\n"));
+        assert!(text.contains("wsedge_handshake_failures_total{reason=\"over_capacity\"} 1\n"));
+        assert!(text.contains("io_backend=\"epoll\""));
+        let json: serde_json::Value =
+            serde_json::from_str(&render_stats_json(&info, &snaps)).unwrap();
+        assert_eq!(json["total"]["connections_total"], 3);
+        assert_eq!(json["shards"][1]["shard"], 1);
+    }
+}

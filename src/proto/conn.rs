@@ -1,0 +1,1367 @@
+//! The sans-IO WebSocket connection state machine (RFC 6455 sections 5-7).
+//!
+//! This module owns [`Conn`]: everything that happens on an upgraded connection between
+//! "bytes arrived" and "bytes to send". It decodes frames, enforces the RFC's rules (masking
+//! direction, reserved bits and opcodes, control-frame rules, fragmentation order, UTF-8 of
+//! text, close payloads) and the configured [`Limits`], reassembles fragmented messages,
+//! answers pings, runs the close handshake and fails the connection with the right close code
+//! on any violation. It never blocks and never touches a socket: the caller moves bytes in with
+//! [`Conn::handle_input`] and out with [`Conn::poll_transmit`], and takes [`Event`]s with
+//! [`Conn::poll_event`].
+//!
+//! # Hot path
+//! A frame whose bytes are all in the input buffer costs one header decode, an in-place unmask,
+//! one UTF-8 pass for text, and a `split_to().freeze()` of the input buffer: the payload of an
+//! unfragmented message is handed out without copying. Only fragmented messages are copied
+//! (into a reassembly buffer bounded by [`Limits::max_message_bytes`]).
+//!
+//! # Partial frames
+//! A header is consumed as soon as it is complete and has passed every check, so oversized or
+//! illegal frames fail before their payload arrives. The payload then stays in the caller's
+//! buffer until the whole frame is there ([`Conn::bytes_needed`] says how much is missing);
+//! text payload that has already arrived is unmasked and validated immediately, so invalid
+//! UTF-8 fails fast even inside one large frame.
+
+use std::collections::VecDeque;
+
+use bytes::{Buf as _, Bytes, BytesMut};
+
+use super::close::{CloseCode, encode_close_payload, parse_close_payload, truncate_reason};
+use super::error::{ProtoError, SendError};
+use super::frame::{FrameHeader, OpCode, decode_header, encode_frame};
+use super::mask::apply_mask;
+use super::utf8::Utf8Validator;
+
+/// Which side of the connection this endpoint is. Decides the masking direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Accepted connection: incoming frames must be masked, outgoing frames are not.
+    Server,
+    /// Outgoing (upstream) connection: incoming frames must not be masked, outgoing are.
+    Client,
+}
+
+/// The type of a data message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MessageKind {
+    /// UTF-8 text (validated before delivery).
+    Text,
+    /// Arbitrary bytes.
+    Binary,
+}
+
+/// Size limits for incoming data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest accepted frame payload; a larger announced length fails with 1009 as soon as
+    /// the header is parsed. Default 16 MiB.
+    pub max_frame_bytes: usize,
+    /// Largest accepted message (sum of its fragments' payloads); checked with each frame's
+    /// announced length before it is buffered. Default 16 MiB.
+    pub max_message_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 16 << 20,
+            max_message_bytes: 16 << 20,
+        }
+    }
+}
+
+/// Something the peer did, returned by [`Conn::poll_event`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A complete (reassembled) message; text has already been validated as UTF-8.
+    Message {
+        /// Text or binary.
+        kind: MessageKind,
+        /// The payload. For unfragmented messages this shares the input buffer's allocation.
+        data: Bytes,
+    },
+    /// A ping. Already answered: a pong with the same payload was queued automatically.
+    Ping(Bytes),
+    /// A pong (solicited or not).
+    Pong(Bytes),
+    /// The peer's (valid) close frame. If we had not sent a close, an echo close was queued
+    /// automatically (same code, or no payload if the peer sent none). The state is now
+    /// [`State::Closed`].
+    Close {
+        /// The peer's status code; `None` if its close frame had no payload.
+        code: Option<CloseCode>,
+        /// The peer's reason (valid UTF-8, possibly empty).
+        reason: Bytes,
+    },
+}
+
+/// Where the connection is in its lifecycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Normal operation.
+    Open,
+    /// We queued a close frame ([`Conn::close`]) and wait for the peer's. Incoming data is
+    /// parsed and validated but not delivered.
+    CloseSent,
+    /// Transient: the peer's close was received but not answered. Never observable, because
+    /// the answer is queued immediately.
+    CloseReceived,
+    /// Both close frames exchanged: flush the transmit queue, then close the TCP connection.
+    Closed,
+    /// Protocol error: a close frame was queued (unless we had already sent one). Flush, then
+    /// close the TCP connection. Further input is ignored.
+    Failed,
+}
+
+/// Per-connection counters.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnStats {
+    /// Frames received (data and control).
+    pub frames_in: u64,
+    /// Complete data messages received (delivered or, after we sent close, discarded).
+    pub messages_in: u64,
+    /// Data-frame payload bytes received (control frames not included).
+    pub bytes_in: u64,
+    /// Messages queued with [`Conn::send`].
+    pub messages_out: u64,
+    /// Payload bytes queued with [`Conn::send`].
+    pub bytes_out: u64,
+    /// Pings received.
+    pub pings_in: u64,
+    /// Pongs received.
+    pub pongs_in: u64,
+}
+
+/// A frame whose header has been consumed; its payload is at the front of the input buffer.
+#[derive(Clone, Copy, Debug)]
+struct FrameInProgress {
+    fin: bool,
+    opcode: OpCode,
+    mask: Option<[u8; 4]>,
+    /// Payload length (already checked against the limits).
+    len: usize,
+    /// Is the payload text (a text frame or a continuation of a text message)?
+    text: bool,
+    /// Payload bytes at the front of the buffer already unmasked and, for text, validated.
+    processed: usize,
+}
+
+/// Non-zero default for the client mask generator (xorshift64* must not be seeded with 0).
+const DEFAULT_MASK_SEED: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// A sans-IO WebSocket connection (after the HTTP upgrade).
+#[derive(Debug)]
+pub struct Conn {
+    role: Role,
+    limits: Limits,
+    state: State,
+    /// RSV bits that negotiated extensions allow (none yet; permessage-deflate will add RSV1).
+    allowed_rsv: u8,
+    /// Events not yet taken by `poll_event`.
+    events: VecDeque<Event>,
+    /// Encoded frames not yet taken by `poll_transmit`.
+    out: Vec<u8>,
+    /// The frame whose header was consumed but whose payload is incomplete.
+    current: Option<FrameInProgress>,
+    /// Kind of the fragmented message in progress, if any.
+    fragmented: Option<MessageKind>,
+    /// Payload of the fragmented message in progress. A `Vec` so that growth can be capped
+    /// at `max_message_bytes` exactly (see `append_fragment`).
+    assembly: Vec<u8>,
+    /// UTF-8 state of the text message in progress.
+    utf8: Utf8Validator,
+    /// Bytes still missing to complete `current` (0 if no header is pending).
+    needed: usize,
+    /// Close frame owed to the peer after a protocol error, encoded at the next
+    /// `poll_transmit` so that replies to messages decoded before the error go out first.
+    deferred_close: Option<(CloseCode, &'static str)>,
+    /// xorshift64* state for client masks.
+    mask_state: u64,
+    stats: ConnStats,
+}
+
+impl Conn {
+    /// A connection in [`State::Open`], right after the upgrade.
+    pub fn new(role: Role, limits: Limits) -> Self {
+        Self {
+            role,
+            limits,
+            state: State::Open,
+            allowed_rsv: 0,
+            events: VecDeque::new(),
+            out: Vec::new(),
+            current: None,
+            fragmented: None,
+            assembly: Vec::new(),
+            utf8: Utf8Validator::default(),
+            needed: 0,
+            deferred_close: None,
+            mask_state: DEFAULT_MASK_SEED,
+            stats: ConnStats::default(),
+        }
+    }
+
+    /// Client role only: seed for the frame-mask generator (xorshift64*; the protocol core has
+    /// no RNG). Seed it from a real RNG: RFC 6455 wants masks the peer cannot predict. A zero
+    /// seed is replaced by a fixed non-zero one. The server role ignores it.
+    pub fn set_mask_seed(&mut self, seed: u64) {
+        self.mask_state = if seed == 0 { DEFAULT_MASK_SEED } else { seed };
+    }
+
+    /// Decode every complete frame at the front of `buf`, consuming it.
+    ///
+    /// Payloads are unmasked in place and handed out as `Bytes` via `split_to(..).freeze()`
+    /// (no copy) for single-frame messages; fragmented messages are reassembled into an
+    /// internal buffer bounded by `max_message_bytes` (checked before buffering a frame, using
+    /// the header's length). A frame whose length exceeds `max_frame_bytes` fails as soon as
+    /// its header is parsed.
+    ///
+    /// On return `buf` holds at most an incomplete header, or the already-arrived part of the
+    /// payload of a frame whose header was consumed (see [`Conn::bytes_needed`]). The caller
+    /// must append further input to the same buffer and must not modify what is left in it.
+    ///
+    /// In [`State::Failed`] or [`State::Closed`], input is discarded (`buf` cleared) and `Ok`
+    /// returned. After we sent close, data frames are still parsed and validated but not
+    /// delivered; the peer's close frame completes the handshake.
+    ///
+    /// # Errors
+    /// Any [`ProtoError`]: a close frame with [`ProtoError::close_code`] was queued (unless we
+    /// had already sent one), the state is now [`State::Failed`] and `buf` was cleared.
+    pub fn handle_input(&mut self, buf: &mut BytesMut) -> Result<(), ProtoError> {
+        if matches!(self.state, State::Failed | State::Closed) {
+            buf.clear();
+            self.needed = 0;
+            return Ok(());
+        }
+        match self.decode_frames(buf) {
+            Ok(()) => {
+                if self.state == State::Closed {
+                    // Nothing after the peer's close frame is meaningful.
+                    buf.clear();
+                }
+                Ok(())
+            }
+            Err(err) => {
+                buf.clear();
+                self.fail(&err);
+                Err(err)
+            }
+        }
+    }
+
+    /// Take the next event, oldest first.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Queue one unfragmented message (copied and framed into the outbound buffer; masked in
+    /// the client role).
+    ///
+    /// # Errors
+    /// [`SendError::Closed`] once a close frame was queued or the connection failed.
+    pub fn send(&mut self, kind: MessageKind, payload: &[u8]) -> Result<(), SendError> {
+        self.ensure_open()?;
+        let opcode = match kind {
+            MessageKind::Text => OpCode::Text,
+            MessageKind::Binary => OpCode::Binary,
+        };
+        let mask = self.next_mask();
+        encode_frame(true, opcode, payload, mask, &mut self.out);
+        self.stats.messages_out += 1;
+        self.stats.bytes_out += payload.len() as u64;
+        Ok(())
+    }
+
+    /// Queue a ping.
+    ///
+    /// # Errors
+    /// [`SendError::Closed`] once a close frame was queued; [`SendError::ControlTooLong`] if
+    /// `payload` is longer than 125 bytes.
+    pub fn send_ping(&mut self, payload: &[u8]) -> Result<(), SendError> {
+        self.send_control(OpCode::Ping, payload)
+    }
+
+    /// Queue an unsolicited pong (pings are answered automatically).
+    ///
+    /// # Errors
+    /// As [`Conn::send_ping`].
+    pub fn send_pong(&mut self, payload: &[u8]) -> Result<(), SendError> {
+        self.send_control(OpCode::Pong, payload)
+    }
+
+    /// Start the close handshake: queue a close frame with `code` and `reason` (truncated to
+    /// 123 bytes at a UTF-8 char boundary). The state becomes [`State::CloseSent`].
+    ///
+    /// # Errors
+    /// [`SendError::Closed`] if a close frame was already queued (or the connection failed);
+    /// [`SendError::InvalidCloseCode`] if `code` may not be sent on the wire.
+    pub fn close(&mut self, code: CloseCode, reason: &str) -> Result<(), SendError> {
+        if self.state != State::Open {
+            return Err(SendError::Closed);
+        }
+        if !code.is_allowed_on_wire() {
+            return Err(SendError::InvalidCloseCode(code.0));
+        }
+        self.queue_close(Some(code), reason);
+        self.state = State::CloseSent;
+        Ok(())
+    }
+
+    /// Bytes queued for the wire.
+    pub fn pending_transmit(&self) -> usize {
+        // Count a deferred close frame (header, mask key in the client role, code, reason) so
+        // callers know to flush it.
+        let mask_len = if self.role == Role::Client { 4 } else { 0 };
+        self.out.len()
+            + self.deferred_close.map_or(0, |(_, reason)| {
+                2 + mask_len + 2 + truncate_reason(reason).len()
+            })
+    }
+
+    /// Move queued bytes into `out`: if `out` is empty, the internal `Vec` is swapped with it
+    /// (no copy; the connection keeps `out`'s old allocation for future frames), otherwise
+    /// the bytes are appended. Returns the number of bytes moved.
+    pub fn poll_transmit(&mut self, out: &mut Vec<u8>) -> usize {
+        if let Some((code, reason)) = self.deferred_close.take() {
+            self.queue_close(Some(code), reason);
+        }
+        let n = self.out.len();
+        if out.is_empty() {
+            std::mem::swap(out, &mut self.out);
+        } else {
+            out.extend_from_slice(&self.out);
+            self.out.clear();
+        }
+        n
+    }
+
+    /// How many more input bytes are needed to complete the frame whose header has been
+    /// parsed; 0 if no header is pending (unknown). A read-size hint: after `handle_input`
+    /// returns, `buf.reserve(conn.bytes_needed())` lets the next read complete the frame.
+    pub fn bytes_needed(&self) -> usize {
+        self.needed
+    }
+
+    /// The current lifecycle state.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// This endpoint's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The limits this connection enforces.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// A copy of the counters.
+    pub fn stats(&self) -> ConnStats {
+        self.stats
+    }
+
+    /// The decode loop; any error fails the connection (see `handle_input`).
+    fn decode_frames(&mut self, buf: &mut BytesMut) -> Result<(), ProtoError> {
+        self.needed = 0;
+        loop {
+            let mut frame = match self.current.take() {
+                Some(frame) => frame,
+                None => {
+                    let Some((header, header_len)) = decode_header(buf)? else {
+                        return Ok(());
+                    };
+                    let frame = self.check_header(&header)?;
+                    buf.advance(header_len);
+                    frame
+                }
+            };
+            if buf.len() < frame.len {
+                // Incomplete payload. Unmask and validate the new text bytes now, so that
+                // invalid UTF-8 fails fast (Autobahn 6.4.3/6.4.4 send one frame in chops).
+                if frame.text && buf.len() > frame.processed {
+                    let fresh = &mut buf[frame.processed..];
+                    if let Some(key) = frame.mask {
+                        apply_mask(fresh, key, frame.processed);
+                    }
+                    self.utf8.feed(fresh).map_err(|_| ProtoError::InvalidUtf8)?;
+                    frame.processed = buf.len();
+                }
+                self.needed = frame.len - buf.len();
+                self.current = Some(frame);
+                return Ok(());
+            }
+            let mut payload = buf.split_to(frame.len);
+            if let Some(key) = frame.mask {
+                // `processed <= len` always holds: it only grows while `buf.len() < len`.
+                apply_mask(&mut payload[frame.processed..], key, frame.processed);
+            }
+            self.on_frame(frame, payload)?;
+            if self.state == State::Closed {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Judge a freshly decoded header against the RFC and the limits, before its payload.
+    fn check_header(&mut self, header: &FrameHeader) -> Result<FrameInProgress, ProtoError> {
+        if header.rsv & !self.allowed_rsv != 0 {
+            return Err(ProtoError::ReservedBits);
+        }
+        let opcode =
+            OpCode::from_u8(header.opcode).ok_or(ProtoError::UnknownOpcode(header.opcode))?;
+        match (self.role, header.mask.is_some()) {
+            (Role::Server, false) => return Err(ProtoError::UnmaskedClientFrame),
+            (Role::Client, true) => return Err(ProtoError::MaskedServerFrame),
+            _ => {}
+        }
+        let text = if opcode.is_control() {
+            if !header.fin {
+                return Err(ProtoError::FragmentedControl);
+            }
+            if header.payload_len > 125 {
+                return Err(ProtoError::ControlTooLong);
+            }
+            false
+        } else {
+            if header.payload_len > self.limits.max_frame_bytes as u64 {
+                return Err(ProtoError::FrameTooLarge);
+            }
+            // Bytes of this message already buffered by earlier fragments.
+            let buffered = match (opcode, self.fragmented) {
+                (OpCode::Continuation, None) => return Err(ProtoError::UnexpectedContinuation),
+                (OpCode::Continuation, Some(_)) => self.assembly.len(),
+                (_, Some(_)) => return Err(ProtoError::ExpectedContinuation),
+                (_, None) => 0,
+            };
+            // `payload_len <= max_frame_bytes` (a usize), so the cast is lossless.
+            let room = self.limits.max_message_bytes.saturating_sub(buffered);
+            if header.payload_len as usize > room {
+                return Err(ProtoError::MessageTooLarge);
+            }
+            match opcode {
+                OpCode::Text => {
+                    self.utf8.reset();
+                    true
+                }
+                OpCode::Continuation => self.fragmented == Some(MessageKind::Text),
+                _ => false,
+            }
+        };
+        Ok(FrameInProgress {
+            fin: header.fin,
+            opcode,
+            mask: header.mask,
+            len: header.payload_len as usize,
+            text,
+            processed: 0,
+        })
+    }
+
+    /// A complete, unmasked frame.
+    fn on_frame(&mut self, frame: FrameInProgress, payload: BytesMut) -> Result<(), ProtoError> {
+        self.stats.frames_in += 1;
+        match frame.opcode {
+            OpCode::Text | OpCode::Binary | OpCode::Continuation => self.on_data(frame, payload),
+            OpCode::Ping => {
+                self.stats.pings_in += 1;
+                if self.state == State::Open {
+                    let mask = self.next_mask();
+                    encode_frame(true, OpCode::Pong, &payload, mask, &mut self.out);
+                    self.events.push_back(Event::Ping(payload.freeze()));
+                }
+                Ok(())
+            }
+            OpCode::Pong => {
+                self.stats.pongs_in += 1;
+                if self.state == State::Open {
+                    self.events.push_back(Event::Pong(payload.freeze()));
+                }
+                Ok(())
+            }
+            OpCode::Close => self.on_close(payload),
+        }
+    }
+
+    /// A complete data frame (first, middle or last fragment, or a whole message).
+    fn on_data(&mut self, frame: FrameInProgress, payload: BytesMut) -> Result<(), ProtoError> {
+        self.stats.bytes_in += payload.len() as u64;
+        if frame.text {
+            let rest = &payload[frame.processed..];
+            let single = frame.fin && frame.opcode == OpCode::Text && frame.processed == 0;
+            let valid = if single {
+                // A whole message in one piece: one fast pass, no validator state.
+                simdutf8::basic::from_utf8(rest).is_ok()
+            } else {
+                self.utf8.feed(rest).is_ok() && (!frame.fin || self.utf8.finish().is_ok())
+            };
+            if !valid {
+                return Err(ProtoError::InvalidUtf8);
+            }
+        }
+        let kind = match (frame.opcode, self.fragmented) {
+            (OpCode::Text, _) => MessageKind::Text,
+            (OpCode::Binary, _) => MessageKind::Binary,
+            // check_header rejected continuations without a message in progress.
+            (_, Some(kind)) => kind,
+            (_, None) => return Err(ProtoError::UnexpectedContinuation),
+        };
+        if !frame.fin {
+            self.fragmented = Some(kind);
+            self.append_fragment(&payload);
+            return Ok(());
+        }
+        let data = if frame.opcode == OpCode::Continuation {
+            self.append_fragment(&payload);
+            self.fragmented = None;
+            // `Bytes::from(Vec)` takes over the allocation without copying.
+            Bytes::from(std::mem::take(&mut self.assembly))
+        } else {
+            payload.freeze()
+        };
+        self.stats.messages_in += 1;
+        if self.state == State::Open {
+            self.events.push_back(Event::Message { kind, data });
+        }
+        Ok(())
+    }
+
+    /// The peer's close frame: validate, echo if needed, finish the handshake.
+    fn on_close(&mut self, payload: BytesMut) -> Result<(), ProtoError> {
+        let code = parse_close_payload(&payload)?;
+        // A close in the middle of a fragmented message abandons it (Autobahn 7.1.5).
+        self.fragmented = None;
+        self.assembly = Vec::new();
+        self.utf8.reset();
+        if self.state == State::Open {
+            self.state = State::CloseReceived;
+            self.queue_close(code, "");
+        }
+        self.state = State::Closed;
+        let reason = if payload.len() > 2 {
+            payload.freeze().split_off(2)
+        } else {
+            Bytes::new()
+        };
+        self.events.push_back(Event::Close { code, reason });
+        Ok(())
+    }
+
+    /// Fail the connection after a protocol error.
+    fn fail(&mut self, err: &ProtoError) {
+        if self.state == State::Open {
+            self.deferred_close = Some((err.close_code(), err.reason()));
+        }
+        self.state = State::Failed;
+        self.current = None;
+        self.fragmented = None;
+        self.assembly = Vec::new();
+        self.utf8.reset();
+        self.needed = 0;
+    }
+
+    /// Append a fragment to the reassembly buffer, growing it geometrically but never beyond
+    /// `max_message_bytes` (which `check_header` guarantees the message fits in).
+    fn append_fragment(&mut self, fragment: &[u8]) {
+        let len = self.assembly.len();
+        let needed = len + fragment.len();
+        if needed > self.assembly.capacity() {
+            let doubled = self
+                .assembly
+                .capacity()
+                .saturating_mul(2)
+                .min(self.limits.max_message_bytes);
+            self.assembly.reserve_exact(needed.max(doubled) - len);
+        }
+        self.assembly.extend_from_slice(fragment);
+    }
+
+    /// Encode a close frame (no payload when `code` is `None`).
+    fn queue_close(&mut self, code: Option<CloseCode>, reason: &str) {
+        let mask = self.next_mask();
+        match code {
+            Some(code) => {
+                let (payload, len) = encode_close_payload(code, reason);
+                encode_frame(true, OpCode::Close, &payload[..len], mask, &mut self.out);
+            }
+            None => encode_frame(true, OpCode::Close, &[], mask, &mut self.out),
+        }
+    }
+
+    fn send_control(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), SendError> {
+        self.ensure_open()?;
+        if payload.len() > 125 {
+            return Err(SendError::ControlTooLong);
+        }
+        let mask = self.next_mask();
+        encode_frame(true, opcode, payload, mask, &mut self.out);
+        Ok(())
+    }
+
+    fn ensure_open(&self) -> Result<(), SendError> {
+        // After a protocol error, replies to messages decoded before it may still be queued
+        // until the close frame is handed out by `poll_transmit`.
+        if self.state == State::Open || self.deferred_close.is_some() {
+            Ok(())
+        } else {
+            Err(SendError::Closed)
+        }
+    }
+
+    /// The mask for the next outgoing frame: `None` for servers, xorshift64* for clients.
+    fn next_mask(&mut self) -> Option<[u8; 4]> {
+        match self.role {
+            Role::Server => None,
+            Role::Client => {
+                let mut x = self.mask_state;
+                x ^= x >> 12;
+                x ^= x << 25;
+                x ^= x >> 27;
+                self.mask_state = x;
+                // The high half of the multiplied state has the best statistical quality.
+                let word = (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32) as u32;
+                Some(word.to_ne_bytes())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::frame::encode_header;
+    use proptest::prelude::*;
+
+    const KEY: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
+
+    fn server() -> Conn {
+        Conn::new(Role::Server, Limits::default())
+    }
+
+    fn client() -> Conn {
+        let mut c = Conn::new(Role::Client, Limits::default());
+        c.set_mask_seed(42);
+        c
+    }
+
+    /// A raw frame with arbitrary opcode/rsv bits (for illegal frames).
+    fn raw(fin: bool, rsv: u8, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_header(fin, OpCode::Binary, payload.len(), mask, &mut out);
+        out[0] = (u8::from(fin) << 7) | (rsv << 4) | opcode;
+        let start = out.len();
+        out.extend_from_slice(payload);
+        if let Some(k) = mask {
+            apply_mask(&mut out[start..], k, 0);
+        }
+        out
+    }
+
+    /// A masked client frame.
+    fn cf(fin: bool, op: OpCode, payload: &[u8]) -> Vec<u8> {
+        raw(fin, 0, op.as_u8(), payload, Some(KEY))
+    }
+
+    fn events(conn: &mut Conn) -> Vec<Event> {
+        std::iter::from_fn(|| conn.poll_event()).collect()
+    }
+
+    /// Feed `bytes` to `conn` in chunks of `chunk` bytes; stop at the first error.
+    fn feed(conn: &mut Conn, bytes: &[u8], chunk: usize) -> Result<(), ProtoError> {
+        let mut buf = BytesMut::new();
+        for piece in bytes.chunks(chunk.max(1)) {
+            buf.extend_from_slice(piece);
+            conn.handle_input(&mut buf)?;
+        }
+        if bytes.is_empty() {
+            conn.handle_input(&mut buf)?;
+        }
+        Ok(())
+    }
+
+    /// Move everything `from` wants to send into `to`, in chunks; return `to`'s events.
+    fn pump(from: &mut Conn, to: &mut Conn, chunk: usize) -> Result<Vec<Event>, ProtoError> {
+        let mut wire = Vec::new();
+        from.poll_transmit(&mut wire);
+        feed(to, &wire, chunk)?;
+        Ok(events(to))
+    }
+
+    /// Decode the close code the server put on the wire, using a client.
+    fn close_code_on_wire(server: &mut Conn) -> Option<CloseCode> {
+        let mut c = client();
+        let evs = pump(server, &mut c, 7).expect("server output must be valid");
+        match evs.last() {
+            Some(Event::Close { code, .. }) => *code,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+
+    fn msg(kind: MessageKind, data: &[u8]) -> Event {
+        Event::Message {
+            kind,
+            data: Bytes::copy_from_slice(data),
+        }
+    }
+
+    #[test]
+    fn echo_sizes_both_directions() {
+        for len in [0usize, 1, 125, 126, 127, 65535, 65536, 100_000] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let (mut s, mut c) = (server(), client());
+            c.send(MessageKind::Binary, &data).unwrap();
+            c.send(MessageKind::Text, "é".repeat(len / 2).as_bytes())
+                .unwrap();
+            let evs = pump(&mut c, &mut s, 4096).unwrap();
+            assert_eq!(
+                evs,
+                [
+                    msg(MessageKind::Binary, &data),
+                    msg(MessageKind::Text, "é".repeat(len / 2).as_bytes())
+                ]
+            );
+            s.send(MessageKind::Binary, &data).unwrap();
+            assert_eq!(
+                pump(&mut s, &mut c, 1000).unwrap(),
+                [msg(MessageKind::Binary, &data)]
+            );
+            assert_eq!(s.stats().messages_in, 2);
+            assert_eq!(s.stats().bytes_out, len as u64);
+        }
+    }
+
+    #[test]
+    fn split_at_every_point() {
+        let mut wire = Vec::new();
+        wire.extend(cf(true, OpCode::Text, "hello κόσμε".as_bytes()));
+        wire.extend(cf(false, OpCode::Binary, b"ab"));
+        wire.extend(cf(true, OpCode::Ping, b"p"));
+        wire.extend(cf(true, OpCode::Continuation, b"cd"));
+        wire.extend(cf(true, OpCode::Text, b""));
+        wire.extend(cf(true, OpCode::Binary, &[9u8; 300]));
+        let expected = vec![
+            msg(MessageKind::Text, "hello κόσμε".as_bytes()),
+            Event::Ping(Bytes::from_static(b"p")),
+            msg(MessageKind::Binary, b"abcd"),
+            msg(MessageKind::Text, b""),
+            msg(MessageKind::Binary, &[9u8; 300]),
+        ];
+        for cut in 0..=wire.len() {
+            let mut s = server();
+            let mut buf = BytesMut::from(&wire[..cut]);
+            s.handle_input(&mut buf).unwrap();
+            buf.extend_from_slice(&wire[cut..]);
+            s.handle_input(&mut buf).unwrap();
+            assert!(buf.is_empty());
+            assert_eq!(events(&mut s), expected, "cut at {cut}");
+        }
+        for chunk in 1..20 {
+            let mut s = server();
+            feed(&mut s, &wire, chunk).unwrap();
+            assert_eq!(events(&mut s), expected, "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn fragmented_with_interleaved_control_frames() {
+        let mut s = server();
+        let mut wire = Vec::new();
+        wire.extend(cf(false, OpCode::Text, b"Hel"));
+        wire.extend(cf(true, OpCode::Ping, b"ping!"));
+        wire.extend(cf(false, OpCode::Continuation, b"lo "));
+        wire.extend(cf(true, OpCode::Pong, b"pong"));
+        wire.extend(cf(false, OpCode::Continuation, b""));
+        wire.extend(cf(true, OpCode::Continuation, b"world"));
+        feed(&mut s, &wire, 3).unwrap();
+        assert_eq!(
+            events(&mut s),
+            [
+                Event::Ping(Bytes::from_static(b"ping!")),
+                Event::Pong(Bytes::from_static(b"pong")),
+                msg(MessageKind::Text, b"Hello world"),
+            ]
+        );
+        // The ping was answered with a pong carrying the same payload.
+        let mut c = client();
+        assert_eq!(
+            pump(&mut s, &mut c, 1).unwrap(),
+            [Event::Pong(Bytes::from_static(b"ping!"))]
+        );
+        let st = s.stats();
+        assert_eq!(
+            (
+                st.frames_in,
+                st.messages_in,
+                st.bytes_in,
+                st.pings_in,
+                st.pongs_in
+            ),
+            (6, 1, 11, 1, 1)
+        );
+    }
+
+    #[test]
+    fn protocol_errors_close_with_expected_code() {
+        let huge_len = {
+            let mut v = vec![0x82, 0xFF];
+            v.extend_from_slice(&(1u64 << 63).to_be_bytes());
+            v.extend_from_slice(&KEY);
+            v
+        };
+        let cases: Vec<(Vec<u8>, ProtoError, u16)> = vec![
+            (
+                raw(true, 0b100, 1, b"x", Some(KEY)),
+                ProtoError::ReservedBits,
+                1002,
+            ),
+            (
+                raw(true, 0b001, 9, b"", Some(KEY)),
+                ProtoError::ReservedBits,
+                1002,
+            ),
+            (
+                raw(true, 0, 3, b"", Some(KEY)),
+                ProtoError::UnknownOpcode(3),
+                1002,
+            ),
+            (
+                raw(true, 0, 0xB, b"", Some(KEY)),
+                ProtoError::UnknownOpcode(0xB),
+                1002,
+            ),
+            (
+                raw(true, 0, 1, b"hi", None),
+                ProtoError::UnmaskedClientFrame,
+                1002,
+            ),
+            (
+                cf(false, OpCode::Ping, b""),
+                ProtoError::FragmentedControl,
+                1002,
+            ),
+            (
+                cf(true, OpCode::Ping, &[0; 126]),
+                ProtoError::ControlTooLong,
+                1002,
+            ),
+            (
+                cf(true, OpCode::Close, &[0; 126]),
+                ProtoError::ControlTooLong,
+                1002,
+            ),
+            (huge_len, ProtoError::InvalidLength, 1002),
+            (
+                cf(true, OpCode::Continuation, b"x"),
+                ProtoError::UnexpectedContinuation,
+                1002,
+            ),
+            (
+                [cf(false, OpCode::Text, b"a"), cf(true, OpCode::Text, b"b")].concat(),
+                ProtoError::ExpectedContinuation,
+                1002,
+            ),
+            (
+                [
+                    cf(false, OpCode::Binary, b"a"),
+                    cf(true, OpCode::Binary, b"b"),
+                ]
+                .concat(),
+                ProtoError::ExpectedContinuation,
+                1002,
+            ),
+            (
+                cf(true, OpCode::Text, b"\xce\xba\xff"),
+                ProtoError::InvalidUtf8,
+                1007,
+            ),
+            (
+                cf(true, OpCode::Text, b"ab\xe2\x82"),
+                ProtoError::InvalidUtf8,
+                1007,
+            ),
+            (
+                [
+                    cf(false, OpCode::Text, b"ab\xe2"),
+                    cf(true, OpCode::Continuation, b"\x82"),
+                ]
+                .concat(),
+                ProtoError::InvalidUtf8,
+                1007,
+            ),
+            (
+                cf(true, OpCode::Close, b"\x03"),
+                ProtoError::InvalidClosePayload,
+                1002,
+            ),
+            (
+                cf(true, OpCode::Close, &1005u16.to_be_bytes()),
+                ProtoError::InvalidCloseCode(1005),
+                1002,
+            ),
+            (
+                cf(true, OpCode::Close, &999u16.to_be_bytes()),
+                ProtoError::InvalidCloseCode(999),
+                1002,
+            ),
+            (
+                cf(true, OpCode::Close, &2999u16.to_be_bytes()),
+                ProtoError::InvalidCloseCode(2999),
+                1002,
+            ),
+            (
+                cf(true, OpCode::Close, b"\x03\xe8\xce\xba\xff"),
+                ProtoError::InvalidCloseReason,
+                1007,
+            ),
+        ];
+        for (wire, err, code) in cases {
+            for chunk in [1, 5, wire.len()] {
+                let mut s = server();
+                assert_eq!(feed(&mut s, &wire, chunk), Err(err.clone()), "{err:?}");
+                assert_eq!(s.state(), State::Failed);
+                assert!(s.pending_transmit() > 0);
+                assert_eq!(close_code_on_wire(&mut s), Some(CloseCode(code)), "{err:?}");
+                // Further input is ignored.
+                let mut more = BytesMut::from(&cf(true, OpCode::Text, b"late")[..]);
+                assert_eq!(s.handle_input(&mut more), Ok(()));
+                assert!(more.is_empty());
+                assert!(events(&mut s).is_empty());
+                assert_eq!(s.pending_transmit(), 0);
+                assert_eq!(s.send(MessageKind::Text, b"x"), Err(SendError::Closed));
+            }
+        }
+    }
+
+    #[test]
+    fn client_rejects_masked_server_frames() {
+        let mut c = client();
+        let wire = raw(true, 0, 2, b"x", Some(KEY));
+        assert_eq!(feed(&mut c, &wire, 100), Err(ProtoError::MaskedServerFrame));
+        // The client's close frame is masked and decodes on a server with code 1002.
+        let mut s = server();
+        let evs = pump(&mut c, &mut s, 3).unwrap();
+        assert_eq!(
+            evs,
+            [Event::Close {
+                code: Some(CloseCode::PROTOCOL_ERROR),
+                reason: Bytes::from_static(b"server frame masked")
+            }]
+        );
+    }
+
+    #[test]
+    fn oversized_frame_fails_on_header_alone() {
+        let mut s = server();
+        // A masked binary header announcing 20 MiB, no payload.
+        let mut header = Vec::new();
+        encode_header(true, OpCode::Binary, 20 << 20, Some(KEY), &mut header);
+        let mut buf = BytesMut::from(&header[..]);
+        assert_eq!(s.handle_input(&mut buf), Err(ProtoError::FrameTooLarge));
+        assert_eq!(close_code_on_wire(&mut s), Some(CloseCode::TOO_BIG));
+    }
+
+    #[test]
+    fn message_limit_checked_before_buffering() {
+        let limits = Limits {
+            max_frame_bytes: 100,
+            max_message_bytes: 150,
+        };
+        let mut s = Conn::new(Role::Server, limits.clone());
+        let mut wire = cf(false, OpCode::Binary, &[1; 100]);
+        // Second fragment's header alone must trigger the error.
+        encode_header(true, OpCode::Continuation, 51, Some(KEY), &mut wire);
+        assert_eq!(feed(&mut s, &wire, 1000), Err(ProtoError::MessageTooLarge));
+        assert_eq!(close_code_on_wire(&mut s), Some(CloseCode::TOO_BIG));
+        // Exactly at the limit is fine.
+        let mut s = Conn::new(Role::Server, limits.clone());
+        let wire = [
+            cf(false, OpCode::Binary, &[1; 100]),
+            cf(true, OpCode::Continuation, &[2; 50]),
+        ]
+        .concat();
+        feed(&mut s, &wire, 1000).unwrap();
+        assert_eq!(events(&mut s).len(), 1);
+        // Single frame bigger than the message limit.
+        let mut s = Conn::new(
+            Role::Server,
+            Limits {
+                max_frame_bytes: 100,
+                max_message_bytes: 10,
+            },
+        );
+        assert_eq!(
+            feed(&mut s, &cf(true, OpCode::Text, &[b'a'; 11]), 1000),
+            Err(ProtoError::MessageTooLarge)
+        );
+    }
+
+    #[test]
+    fn reassembly_buffer_never_exceeds_the_message_limit() {
+        let limits = Limits {
+            max_frame_bytes: 1000,
+            max_message_bytes: 1000,
+        };
+        let mut s = Conn::new(Role::Server, limits);
+        let mut wire = cf(false, OpCode::Binary, &[0; 7]);
+        for _ in 0..140 {
+            wire.extend(cf(false, OpCode::Continuation, &[1; 7]));
+        }
+        feed(&mut s, &wire, 64).unwrap();
+        assert_eq!(s.assembly.len(), 987);
+        assert!(s.assembly.capacity() <= 1000);
+        feed(&mut s, &cf(true, OpCode::Continuation, &[2; 13]), 64).unwrap();
+        match &events(&mut s)[..] {
+            [Event::Message { data, .. }] => assert_eq!(data.len(), 1000),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn utf8_fails_fast_across_fragments() {
+        let mut s = server();
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&cf(false, OpCode::Text, "κόσμε".as_bytes()));
+        s.handle_input(&mut buf).unwrap();
+        // The second fragment is invalid (U+110000 encoding); the final one never arrives.
+        buf.extend_from_slice(&cf(false, OpCode::Continuation, b"\xf4\x90\x80\x80"));
+        assert_eq!(s.handle_input(&mut buf), Err(ProtoError::InvalidUtf8));
+        assert_eq!(close_code_on_wire(&mut s), Some(CloseCode::INVALID_PAYLOAD));
+    }
+
+    #[test]
+    fn utf8_fails_fast_inside_one_frame() {
+        // Autobahn 6.4.3: one text frame delivered in chops; the chop with the invalid byte
+        // must fail before the rest of the frame arrives.
+        let mut payload = "κόσμε".as_bytes().to_vec();
+        payload.extend_from_slice(b"\xf4\x90\x80\x80");
+        payload.extend_from_slice(b"edited");
+        let wire = cf(true, OpCode::Text, &payload);
+        let header_len = 6;
+        let mut s = server();
+        let mut buf = BytesMut::from(&wire[..header_len + 5]);
+        s.handle_input(&mut buf).unwrap();
+        assert_eq!(s.bytes_needed(), payload.len() - 5);
+        buf.extend_from_slice(&wire[header_len + 5..header_len + 12]);
+        assert_eq!(s.handle_input(&mut buf), Err(ProtoError::InvalidUtf8));
+        // A valid text frame arriving in chops is delivered intact.
+        let text = "κόσμε 😀".repeat(10);
+        let wire = cf(true, OpCode::Text, text.as_bytes());
+        for chunk in [1, 3, 7] {
+            let mut s = server();
+            feed(&mut s, &wire, chunk).unwrap();
+            assert_eq!(events(&mut s), [msg(MessageKind::Text, text.as_bytes())]);
+        }
+    }
+
+    #[test]
+    fn bytes_needed_and_partial_frames() {
+        let mut s = server();
+        let wire = cf(true, OpCode::Binary, &[5; 1000]);
+        let mut buf = BytesMut::from(&wire[..3]);
+        s.handle_input(&mut buf).unwrap();
+        assert_eq!(s.bytes_needed(), 0); // header incomplete: unknown
+        buf.extend_from_slice(&wire[3..18]);
+        s.handle_input(&mut buf).unwrap();
+        // 8-byte header consumed, 10 payload bytes buffered.
+        assert_eq!(buf.len(), 10);
+        assert_eq!(s.bytes_needed(), 990);
+        buf.extend_from_slice(&wire[18..]);
+        s.handle_input(&mut buf).unwrap();
+        assert_eq!(s.bytes_needed(), 0);
+        assert_eq!(events(&mut s), [msg(MessageKind::Binary, &[5; 1000])]);
+    }
+
+    #[test]
+    fn close_initiated_by_server() {
+        let (mut s, mut c) = (server(), client());
+        s.close(CloseCode::GOING_AWAY, "bye").unwrap();
+        assert_eq!(s.state(), State::CloseSent);
+        assert_eq!(s.close(CloseCode::NORMAL, ""), Err(SendError::Closed));
+        assert_eq!(s.send(MessageKind::Binary, b"x"), Err(SendError::Closed));
+        assert_eq!(s.send_ping(b""), Err(SendError::Closed));
+        let evs = pump(&mut s, &mut c, 2).unwrap();
+        assert_eq!(
+            evs,
+            [Event::Close {
+                code: Some(CloseCode::GOING_AWAY),
+                reason: Bytes::from_static(b"bye")
+            }]
+        );
+        assert_eq!(c.state(), State::Closed);
+        // The client echoed the code; the server completes the handshake.
+        let evs = pump(&mut c, &mut s, 2).unwrap();
+        assert_eq!(
+            evs,
+            [Event::Close {
+                code: Some(CloseCode::GOING_AWAY),
+                reason: Bytes::new()
+            }]
+        );
+        assert_eq!(s.state(), State::Closed);
+        assert_eq!(s.pending_transmit(), 0);
+    }
+
+    #[test]
+    fn close_initiated_by_client_without_code() {
+        let (mut s, mut c) = (server(), client());
+        let mut buf = BytesMut::from(&cf(true, OpCode::Close, b"")[..]);
+        buf.extend_from_slice(&cf(true, OpCode::Text, b"after close"));
+        s.handle_input(&mut buf).unwrap();
+        assert!(buf.is_empty());
+        assert_eq!(s.state(), State::Closed);
+        assert_eq!(
+            events(&mut s),
+            [Event::Close {
+                code: None,
+                reason: Bytes::new()
+            }]
+        );
+        let mut wire = Vec::new();
+        s.poll_transmit(&mut wire);
+        assert_eq!(wire, [0x88, 0x00]); // empty echo
+        feed(&mut c, &wire, 1).unwrap();
+        assert_eq!(
+            events(&mut c),
+            [Event::Close {
+                code: None,
+                reason: Bytes::new()
+            }]
+        );
+    }
+
+    #[test]
+    fn allowed_close_codes_are_echoed() {
+        for code in [
+            1000u16, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999,
+        ] {
+            let mut s = server();
+            let mut payload = code.to_be_bytes().to_vec();
+            payload.extend_from_slice("reason κ".as_bytes());
+            feed(&mut s, &cf(true, OpCode::Close, &payload), 4).unwrap();
+            assert_eq!(
+                events(&mut s),
+                [Event::Close {
+                    code: Some(CloseCode(code)),
+                    reason: Bytes::from("reason κ".as_bytes())
+                }]
+            );
+            assert_eq!(close_code_on_wire(&mut s), Some(CloseCode(code)));
+        }
+    }
+
+    #[test]
+    fn close_in_the_middle_of_a_fragmented_message() {
+        // Autobahn 7.1.5: fragment 1, close, fragment 2.
+        let mut s = server();
+        let wire = [
+            cf(false, OpCode::Text, b"frag1"),
+            cf(true, OpCode::Close, &1000u16.to_be_bytes()),
+            cf(true, OpCode::Continuation, b"frag2"),
+        ]
+        .concat();
+        feed(&mut s, &wire, 1000).unwrap();
+        assert_eq!(
+            events(&mut s),
+            [Event::Close {
+                code: Some(CloseCode::NORMAL),
+                reason: Bytes::new()
+            }]
+        );
+        assert_eq!(close_code_on_wire(&mut s), Some(CloseCode::NORMAL));
+    }
+
+    #[test]
+    fn after_close_sent_data_is_validated_not_delivered() {
+        let mut s = server();
+        s.close(CloseCode::NORMAL, "").unwrap();
+        let wire = [
+            cf(true, OpCode::Text, b"ignored"),
+            cf(true, OpCode::Ping, b"p"),
+        ]
+        .concat();
+        feed(&mut s, &wire, 1000).unwrap();
+        assert!(events(&mut s).is_empty());
+        let mut out = Vec::new();
+        s.poll_transmit(&mut out);
+        assert_eq!(out, [0x88, 0x02, 0x03, 0xe8]); // only our close, no pong
+        assert_eq!(s.stats().messages_in, 1);
+        // Invalid data still fails, without a second close frame.
+        assert_eq!(
+            feed(&mut s, &cf(true, OpCode::Text, b"\xff"), 10),
+            Err(ProtoError::InvalidUtf8)
+        );
+        assert_eq!(s.state(), State::Failed);
+        assert_eq!(s.pending_transmit(), 0);
+    }
+
+    #[test]
+    fn send_errors_and_reason_truncation() {
+        let mut s = server();
+        assert_eq!(s.send_ping(&[0; 126]), Err(SendError::ControlTooLong));
+        assert_eq!(s.send_pong(&[0; 126]), Err(SendError::ControlTooLong));
+        assert_eq!(
+            s.close(CloseCode::NO_STATUS, ""),
+            Err(SendError::InvalidCloseCode(1005))
+        );
+        assert_eq!(
+            s.close(CloseCode::ABNORMAL, ""),
+            Err(SendError::InvalidCloseCode(1006))
+        );
+        assert_eq!(s.state(), State::Open);
+        assert_eq!(s.pending_transmit(), 0);
+        s.send_ping(&[1; 125]).unwrap();
+        s.send_pong(b"u").unwrap();
+        let long = "é".repeat(100);
+        s.close(CloseCode(4000), &long).unwrap();
+        let mut c = client();
+        let evs = pump(&mut s, &mut c, 9).unwrap();
+        assert_eq!(evs.len(), 3);
+        assert_eq!(evs[0], Event::Ping(Bytes::from(vec![1; 125])));
+        match &evs[2] {
+            Event::Close { code, reason } => {
+                assert_eq!(*code, Some(CloseCode(4000)));
+                assert_eq!(reason.len(), 122);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn replies_to_messages_before_an_error_precede_the_close_frame() {
+        let mut s = server();
+        let mut wire = cf(true, OpCode::Text, b"first");
+        wire.extend(raw(true, 0b100, 0x1, b"bad rsv", Some(KEY)));
+        let mut buf = BytesMut::from(&wire[..]);
+        assert_eq!(s.handle_input(&mut buf), Err(ProtoError::ReservedBits));
+        assert_eq!(s.state(), State::Failed);
+        assert!(s.pending_transmit() > 0, "the close frame is owed");
+        let before = s.pending_transmit();
+        assert_eq!(events(&mut s), [msg(MessageKind::Text, b"first")]);
+        s.send(MessageKind::Text, b"first").unwrap();
+        assert_eq!(s.pending_transmit(), before + 7);
+        let mut c = client();
+        let evs = pump(&mut s, &mut c, 3).unwrap();
+        assert_eq!(evs[0], msg(MessageKind::Text, b"first"));
+        assert!(matches!(
+            evs[1],
+            Event::Close {
+                code: Some(CloseCode::PROTOCOL_ERROR),
+                ..
+            }
+        ));
+        // Once the close frame is out, nothing else may be queued.
+        assert_eq!(s.send(MessageKind::Text, b"late"), Err(SendError::Closed));
+        assert_eq!(s.close(CloseCode::NORMAL, ""), Err(SendError::Closed));
+        assert_eq!(s.pending_transmit(), 0);
+    }
+
+    #[test]
+    fn poll_transmit_swaps_or_appends() {
+        let mut s = server();
+        s.send(MessageKind::Binary, b"abc").unwrap();
+        let mut out = Vec::with_capacity(1000);
+        let n = s.poll_transmit(&mut out);
+        assert_eq!(n, 5);
+        assert_eq!(out, b"\x82\x03abc");
+        // The connection kept `out`'s old allocation.
+        assert_eq!(s.pending_transmit(), 0);
+        s.send(MessageKind::Binary, b"d").unwrap();
+        assert_eq!(s.poll_transmit(&mut out), 3);
+        assert_eq!(out, b"\x82\x03abc\x82\x01d");
+        assert_eq!(s.poll_transmit(&mut out), 0);
+    }
+
+    #[test]
+    fn client_masks_vary() {
+        let mut c = client();
+        c.send(MessageKind::Binary, b"").unwrap();
+        c.send(MessageKind::Binary, b"").unwrap();
+        let mut out = Vec::new();
+        c.poll_transmit(&mut out);
+        assert_eq!(out.len(), 12);
+        assert_ne!(out[2..6], out[8..12]);
+        let mut c0 = Conn::new(Role::Client, Limits::default());
+        c0.set_mask_seed(0);
+        c0.send(MessageKind::Binary, b"x").unwrap();
+        assert_eq!(c0.pending_transmit(), 7);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Msg(bool, Vec<u8>),
+        Ping(Vec<u8>),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (
+                any::<bool>(),
+                proptest::collection::vec(any::<u8>(), 0..300)
+            )
+                .prop_map(|(t, d)| Op::Msg(t, d)),
+            "\\PC{0,40}".prop_map(|s| Op::Msg(true, s.into_bytes())),
+            proptest::collection::vec(any::<u8>(), 0..125).prop_map(Op::Ping),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn random_streams_split_anywhere(ops in proptest::collection::vec(op(), 0..12), cuts in proptest::collection::vec(any::<usize>(), 0..10), frag in 1usize..4) {
+            // Build a masked client stream: messages (text made valid) split into `frag`
+            // fragments, pings in between.
+            let mut wire = Vec::new();
+            let mut expected = Vec::new();
+            for op in &ops {
+                match op {
+                    Op::Msg(text, data) => {
+                        let (kind, data) = if *text {
+                            (MessageKind::Text, String::from_utf8_lossy(data).into_owned().into_bytes())
+                        } else {
+                            (MessageKind::Binary, data.clone())
+                        };
+                        let first = if kind == MessageKind::Text { OpCode::Text } else { OpCode::Binary };
+                        let step = data.len() / frag + 1;
+                        let pieces: Vec<&[u8]> = if data.is_empty() { vec![&[]] } else { data.chunks(step).collect() };
+                        for (i, piece) in pieces.iter().enumerate() {
+                            let op = if i == 0 { first } else { OpCode::Continuation };
+                            wire.extend(cf(i + 1 == pieces.len(), op, piece));
+                        }
+                        expected.push(msg(kind, &data));
+                    }
+                    Op::Ping(p) => {
+                        wire.extend(cf(true, OpCode::Ping, p));
+                        expected.push(Event::Ping(Bytes::from(p.clone())));
+                    }
+                }
+            }
+            let mut points: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
+            points.sort_unstable();
+            points.push(wire.len());
+            let mut s = server();
+            let mut buf = BytesMut::new();
+            let mut prev = 0;
+            for p in points {
+                buf.extend_from_slice(&wire[prev..p]);
+                prev = p;
+                s.handle_input(&mut buf).unwrap();
+            }
+            prop_assert!(buf.is_empty());
+            prop_assert_eq!(events(&mut s), expected);
+        }
+
+        #[test]
+        fn send_then_decode_is_identity(payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..70_000), 1..3), chunk in 1usize..9000, seed in any::<u64>()) {
+            let (mut s, mut c) = (server(), client());
+            c.set_mask_seed(seed);
+            for p in &payloads {
+                c.send(MessageKind::Binary, p).unwrap();
+                s.send(MessageKind::Binary, p).unwrap();
+            }
+            let expected: Vec<Event> = payloads.iter().map(|p| msg(MessageKind::Binary, p)).collect();
+            prop_assert_eq!(pump(&mut c, &mut s, chunk).unwrap(), expected.clone());
+            prop_assert_eq!(pump(&mut s, &mut c, chunk).unwrap(), expected);
+        }
+    }
+}

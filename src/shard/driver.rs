@@ -1,0 +1,437 @@
+//! The connection driver: one task per connection, on the shard that accepted it.
+//!
+//! Phase 1, handshake: read the HTTP upgrade request under `handshake_timeout`, match a route,
+//! reserve a slot under `max_connections`, answer 101 (or 4xx/503 and close).
+//!
+//! Phase 2, WebSocket: a single select loop over at most one read, one write, one timer and the
+//! drain signal. Bytes read go to the sans-IO [`Conn`]; its events go to the route logic; its
+//! queued output is written in one `write_all` per batch, so everything produced by one read
+//! (many echoes, pongs) leaves in one submission. While a write is in flight and more than
+//! `max_pending_write_bytes` are queued, no new read is started: a client that does not read
+//! its replies stops being read from (TCP backpressure) instead of growing our memory.
+//!
+//! Memory while idle: the read buffer starts at [`MIN_READ`] bytes and grows only for large
+//! frames; buffers above [`KEEP_BUFFER`] are released once drained, so an idle connection
+//! holds one small buffer plus the task state.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use compio::BufResult;
+use compio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use compio::net::TcpStream;
+use futures_util::future::{Fuse, FusedFuture, FutureExt};
+use futures_util::select_biased;
+use tracing::debug;
+
+use super::{ListenerShared, ShardCtx};
+use crate::config::RouteKind;
+use crate::metrics::HandshakeFailure;
+use crate::proto::handshake::{
+    self, HandshakeLimits, UpgradeRequest, write_error_response, write_response_101,
+};
+use crate::proto::{CloseCode, Conn, Event, HandshakeError, ProtoError, Role, State};
+
+/// Smallest read submitted; also the initial read buffer of a connection.
+const MIN_READ: usize = 512;
+/// Largest read submitted for streams of small frames.
+const MAX_READ: usize = 64 * 1024;
+/// Buffers larger than this are released when they become empty.
+const KEEP_BUFFER: usize = 16 * 1024;
+/// How long an error response or a final close frame may take to be read by the peer.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Drive one accepted connection to its end.
+pub(crate) async fn serve(
+    ctx: Rc<ShardCtx>,
+    listener_idx: usize,
+    stream: TcpStream,
+    peer: SocketAddr,
+    seq: u64,
+) {
+    let _live = LiveGuard(ctx.clone());
+    let shared = ctx.listeners[listener_idx].clone();
+    // Latency over throughput for small frames; batching is done by the write path itself.
+    let _ = stream.set_nodelay(true);
+    let Some((route, rest)) = handshake(&ctx, &shared, &stream).await else {
+        return;
+    };
+    ctx.metrics.on_open();
+    let code = websocket(&ctx, &shared, &stream, rest, route, seq).await;
+    shared.open.fetch_sub(1, Ordering::Relaxed);
+    ctx.metrics.on_close(code);
+    debug!(shard = ctx.id, %peer, code, "connection closed");
+}
+
+/// Decrements the shard's live-task count when the connection task ends (or is dropped).
+struct LiveGuard(Rc<ShardCtx>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.live.set(self.0.live.get() - 1);
+    }
+}
+
+enum ReadRequestError {
+    Io,
+    Http(HandshakeError),
+}
+
+async fn read_request(
+    stream: &TcpStream,
+    limits: &HandshakeLimits,
+) -> Result<(UpgradeRequest, BytesMut), ReadRequestError> {
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut s = stream;
+    loop {
+        if buf.capacity() == buf.len() {
+            buf.reserve(1024);
+        }
+        let BufResult(res, b) = s.append(buf).await;
+        buf = b;
+        match res {
+            Ok(0) | Err(_) => return Err(ReadRequestError::Io),
+            Ok(_) => {}
+        }
+        match handshake::parse_request(&buf, limits) {
+            Ok(None) => {}
+            Ok(Some((req, consumed))) => {
+                let _ = buf.split_to(consumed);
+                return Ok((req, buf));
+            }
+            Err(e) => return Err(ReadRequestError::Http(e)),
+        }
+    }
+}
+
+/// Phase 1. On success the connection holds a `max_connections` slot and the returned buffer
+/// holds any bytes the client sent after the request.
+async fn handshake(
+    ctx: &ShardCtx,
+    shared: &Arc<ListenerShared>,
+    stream: &TcpStream,
+) -> Option<(RouteKind, BytesMut)> {
+    let cfg = &shared.cfg;
+    let limits = HandshakeLimits {
+        max_request_bytes: cfg.max_handshake_bytes,
+        max_headers: 64,
+    };
+    let mut out = Vec::new();
+    let (req, rest) =
+        match compio::time::timeout(cfg.handshake_timeout, read_request(stream, &limits)).await {
+            Err(_elapsed) => {
+                ctx.metrics.on_handshake_failure(HandshakeFailure::Timeout);
+                return None;
+            }
+            Ok(Err(ReadRequestError::Io)) => {
+                ctx.metrics.on_handshake_failure(HandshakeFailure::Io);
+                return None;
+            }
+            Ok(Err(ReadRequestError::Http(e))) => {
+                ctx.metrics
+                    .on_handshake_failure(HandshakeFailure::from_status(e.status()));
+                e.write_response(&mut out);
+                respond_and_close(stream, out).await;
+                return None;
+            }
+            Ok(Ok(v)) => v,
+        };
+    let path = req.path.split('?').next().unwrap_or_default();
+    let Some(route) = cfg.routes.iter().find(|r| r.path == path) else {
+        ctx.metrics.on_handshake_failure(HandshakeFailure::NoRoute);
+        write_error_response(404, "no WebSocket route for this path", &[], &mut out);
+        respond_and_close(stream, out).await;
+        return None;
+    };
+    if shared.open.fetch_add(1, Ordering::Relaxed) >= cfg.max_connections.get() {
+        shared.open.fetch_sub(1, Ordering::Relaxed);
+        ctx.metrics
+            .on_handshake_failure(HandshakeFailure::OverCapacity);
+        write_error_response(
+            503,
+            "server at connection capacity",
+            &[("Retry-After", "1")],
+            &mut out,
+        );
+        respond_and_close(stream, out).await;
+        return None;
+    }
+    write_response_101(&req.key, None, &[], &mut out);
+    let mut w = stream;
+    if w.write_all(out).await.0.is_err() {
+        shared.open.fetch_sub(1, Ordering::Relaxed);
+        ctx.metrics.on_handshake_failure(HandshakeFailure::Io);
+        return None;
+    }
+    Some((route.kind, rest))
+}
+
+/// Write a final response, send FIN, and let the peer read it before the socket closes
+/// (closing with unread input would reset the connection and could destroy the response).
+async fn respond_and_close(stream: &TcpStream, out: Vec<u8>) {
+    let mut w = stream;
+    let _ = compio::time::timeout(LINGER, async {
+        if w.write_all(out).await.0.is_ok() {
+            let _ = w.shutdown().await;
+            let mut r = stream;
+            let mut buf = Vec::with_capacity(512);
+            loop {
+                let BufResult(res, b) = r.read(buf).await;
+                buf = b;
+                if !matches!(res, Ok(n) if n > 0) {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+}
+
+fn read_op(
+    stream: &TcpStream,
+    buf: BytesMut,
+) -> impl Future<Output = BufResult<usize, BytesMut>> + '_ {
+    let mut s = stream;
+    async move { s.append(buf).await }
+}
+
+fn write_op(stream: &TcpStream, buf: Vec<u8>) -> impl Future<Output = BufResult<(), Vec<u8>>> + '_ {
+    let mut s = stream;
+    async move { s.write_all(buf).await }
+}
+
+/// What the connection timer is counting down to.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum TimerMode {
+    /// No timer (keepalive disabled).
+    Off,
+    /// End of an idle period: ping if nothing arrived during it.
+    Idle,
+    /// Pong deadline: close if still nothing arrived.
+    Pong,
+    /// Drain: this connection's turn to be sent 1001.
+    DrainTurn,
+    /// Our close frame is out; give up waiting for the peer's.
+    CloseWait,
+    /// Final close: FIN sent, waiting for the peer's FIN.
+    Linger,
+}
+
+/// Phase 2. Returns the close code that ended the connection (for metrics).
+async fn websocket(
+    ctx: &ShardCtx,
+    shared: &ListenerShared,
+    stream: &TcpStream,
+    initial: BytesMut,
+    route: RouteKind,
+    seq: u64,
+) -> u16 {
+    let cfg = &shared.cfg;
+    let metrics = &ctx.metrics;
+    let mut conn = Conn::new(Role::Server, cfg.limits.clone());
+    let max_pending = cfg.max_pending_write_bytes.get();
+
+    let mut rbuf: Option<BytesMut> = Some(initial);
+    let mut out: Option<Vec<u8>> = Some(Vec::new());
+    let mut read_size = MIN_READ;
+    let mut peer_eof = false;
+    let mut io_failed = false;
+    let mut fin_sent = false;
+    // Close code seen for this connection: peer's, ours, or 1006 if none.
+    let mut code: Option<u16> = None;
+    // Keepalive: set on every read; the idle timer checks and clears it.
+    let mut activity = false;
+
+    let read_fut = pin!(Fuse::terminated());
+    let write_fut = pin!(Fuse::terminated());
+    let timer = pin!(Fuse::terminated());
+    let drain = pin!(ctx.drain.wait().fuse());
+    let (mut read_fut, mut write_fut, mut timer, mut drain) = (read_fut, write_fut, timer, drain);
+    let mut mode = TimerMode::Off;
+    if let Some(idle) = cfg.idle_timeout {
+        mode = TimerMode::Idle;
+        timer.set(compio::time::sleep(idle).fuse());
+    }
+    // Process bytes that arrived together with the upgrade request.
+    let mut pending_input = rbuf.as_ref().is_some_and(|b| !b.is_empty());
+
+    loop {
+        // 1. Feed input to the protocol core and run the route logic on its events.
+        if pending_input {
+            pending_input = false;
+            // Invariant: pending_input is only set while we own the read buffer.
+            let buf = rbuf.as_mut().expect("read buffer present");
+            if let Err(e) = conn.handle_input(buf) {
+                code.get_or_insert(close_code_for(&e));
+                debug!(shard = ctx.id, error = %e, "protocol error");
+            }
+            while let Some(ev) = conn.poll_event() {
+                match ev {
+                    Event::Message { kind, data } => {
+                        metrics.on_message_in(data.len());
+                        match route {
+                            RouteKind::Echo => {
+                                if conn.send(kind, &data).is_ok() {
+                                    metrics.on_message_out(data.len());
+                                }
+                            }
+                        }
+                    }
+                    Event::Close { code: c, .. } => {
+                        code.get_or_insert(c.map_or(CloseCode::NO_STATUS.0, |c| c.0));
+                    }
+                    Event::Ping(_) | Event::Pong(_) => {}
+                }
+            }
+            // Release big buffers once drained so idle connections stay small.
+            if buf.is_empty() && buf.capacity() > KEEP_BUFFER {
+                *buf = BytesMut::new();
+            }
+        }
+
+        // 2. Start a write if output is queued and none is in flight.
+        if write_fut.is_terminated() && conn.pending_transmit() > 0 && !io_failed {
+            // Invariant: `out` is only absent while a write is in flight.
+            let mut o = out.take().expect("out buffer present");
+            conn.poll_transmit(&mut o);
+            write_fut.set(write_op(stream, o).fuse());
+        }
+
+        // 3. Close states: once the final frames are written, send FIN and linger.
+        let finished = matches!(conn.state(), State::Closed | State::Failed);
+        if finished && !fin_sent && write_fut.is_terminated() && !io_failed {
+            fin_sent = true;
+            let mut w = stream;
+            let _ = w.shutdown().await;
+            mode = TimerMode::Linger;
+            timer.set(compio::time::sleep(LINGER).fuse());
+        }
+        if io_failed || (peer_eof && write_fut.is_terminated() && conn.pending_transmit() == 0) {
+            break;
+        }
+
+        // 4. Start a read unless backpressure says otherwise.
+        let backpressured = !write_fut.is_terminated() && conn.pending_transmit() >= max_pending;
+        if read_fut.is_terminated() && !backpressured && !peer_eof {
+            // Invariant: the buffer is ours whenever no read is in flight.
+            let mut buf = rbuf.take().expect("read buffer present");
+            let want = conn.bytes_needed().max(read_size);
+            if buf.capacity() - buf.len() < want {
+                buf.reserve(want);
+            }
+            read_fut.set(read_op(stream, buf).fuse());
+        }
+
+        select_biased! {
+            BufResult(res, buf) = read_fut => {
+                match res {
+                    Ok(0) => {
+                        peer_eof = true;
+                    }
+                    Ok(n) => {
+                        activity = true;
+                        // Adapt the read size: grow while reads fill the buffer.
+                        if n >= read_size && read_size < MAX_READ {
+                            read_size *= 2;
+                        } else if n < read_size / 4 && read_size > MIN_READ {
+                            read_size /= 2;
+                        }
+                        if fin_sent {
+                            // Lingering: discard whatever the peer still sends.
+                            let mut b = buf;
+                            b.clear();
+                            rbuf = Some(b);
+                            continue;
+                        }
+                        pending_input = true;
+                    }
+                    Err(e) => {
+                        debug!(shard = ctx.id, error = %e, "read failed");
+                        io_failed = true;
+                    }
+                }
+                rbuf = Some(buf);
+            }
+            BufResult(res, mut o) = write_fut => {
+                if let Err(e) = res {
+                    debug!(shard = ctx.id, error = %e, "write failed");
+                    io_failed = true;
+                }
+                o.clear();
+                if o.capacity() > KEEP_BUFFER {
+                    o = Vec::new();
+                }
+                out = Some(o);
+            }
+            () = timer => {
+                match mode {
+                    TimerMode::Off => {}
+                    TimerMode::Idle | TimerMode::Pong => {
+                        // Invariant: Idle/Pong modes are only armed with keepalive enabled.
+                        let idle = cfg.idle_timeout.expect("keepalive enabled");
+                        if activity {
+                            activity = false;
+                            mode = TimerMode::Idle;
+                            timer.set(compio::time::sleep(idle).fuse());
+                        } else if mode == TimerMode::Idle {
+                            if conn.send_ping(b"wsedge").is_ok() {
+                                metrics.on_ping_sent();
+                            }
+                            mode = TimerMode::Pong;
+                            timer.set(compio::time::sleep(cfg.pong_timeout).fuse());
+                        } else {
+                            metrics.on_idle_close();
+                            code.get_or_insert(CloseCode::GOING_AWAY.0);
+                            start_close(&mut conn, CloseCode::GOING_AWAY, "idle timeout");
+                            mode = TimerMode::CloseWait;
+                            timer.set(compio::time::sleep(cfg.close_timeout).fuse());
+                        }
+                    }
+                    TimerMode::DrainTurn => {
+                        code.get_or_insert(CloseCode::GOING_AWAY.0);
+                        start_close(&mut conn, CloseCode::GOING_AWAY, "server shutting down");
+                        mode = TimerMode::CloseWait;
+                        timer.set(compio::time::sleep(cfg.close_timeout).fuse());
+                    }
+                    TimerMode::CloseWait | TimerMode::Linger => break,
+                }
+            }
+            () = drain => {
+                if conn.state() == State::Open {
+                    // Spread the closes over the drain window so clients reconnect gradually.
+                    let window = ctx.drain_window.as_millis() as u64;
+                    let turn = if window == 0 { 0 } else { spread(seq) % window };
+                    mode = TimerMode::DrainTurn;
+                    timer.set(compio::time::sleep(Duration::from_millis(turn)).fuse());
+                }
+            }
+            // Unreachable by construction (a read or a write is always in flight here), but
+            // never spin or panic if that changes.
+            complete => break,
+        }
+    }
+    code.unwrap_or(CloseCode::ABNORMAL.0)
+}
+
+fn start_close(conn: &mut Conn, code: CloseCode, reason: &str) {
+    // Err means a close frame is already queued: nothing more to do.
+    let _ = conn.close(code, reason);
+}
+
+fn close_code_for(e: &ProtoError) -> u16 {
+    e.close_code().0
+}
+
+/// A cheap integer hash (splitmix64) so that sequential connection numbers spread evenly.
+fn spread(seq: u64) -> u64 {
+    let mut z = seq.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}

@@ -1,0 +1,444 @@
+//! The shard runtime: one pinned thread per core, each with its own completion-based runtime
+//! (io_uring, or epoll when io_uring is unavailable), its own SO_REUSEPORT listener sockets,
+//! connection drivers, timers and counters. Shards share nothing on the data path; the only
+//! cross-thread traffic is the control channel (metrics snapshots, shutdown) and, per listener,
+//! one atomic connection count checked once per handshake.
+//!
+//! This is the only module that names the runtime (compio) or touches sockets.
+//!
+//! Life of a connection: [`accept`] accepts it on the shard whose socket the kernel picked,
+//! [`driver`] reads the HTTP upgrade under a deadline, answers 101 (or an error status), then
+//! runs the WebSocket loop: bytes in → [`crate::proto::Conn`] → route logic → bytes out, with
+//! keepalive, backpressure and the close handshake, until the connection ends.
+
+mod accept;
+mod driver;
+mod signal;
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::num::NonZeroUsize;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use compio::driver::{DriverType, ProactorBuilder};
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{info, warn};
+
+use crate::config::{Config, IoMode, ListenerConfig};
+use crate::metrics::{Info, ShardMetrics, Snapshot};
+
+/// The I/O backend the shards run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// io_uring (completion based).
+    IoUring,
+    /// epoll (readiness based; the fallback driver).
+    Epoll,
+}
+
+impl Backend {
+    /// Label used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::IoUring => "io_uring",
+            Self::Epoll => "epoll",
+        }
+    }
+
+    fn driver_type(self) -> DriverType {
+        match self {
+            Self::IoUring => DriverType::IoUring,
+            Self::Epoll => DriverType::Poll,
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// `--io uring` was asked for and io_uring cannot be set up here.
+    #[error("io_uring is unavailable ({0}); use --io auto or --io epoll")]
+    UringUnavailable(std::io::Error),
+    /// A listener socket could not be created or bound.
+    #[error("listener `{name}`: cannot listen on {addr}: {source}")]
+    Bind {
+        /// Listener name.
+        name: String,
+        /// Address asked for.
+        addr: SocketAddr,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// A shard thread failed to start its runtime.
+    #[error("shard {shard}: {message}")]
+    Shard {
+        /// Shard index.
+        shard: usize,
+        /// What failed.
+        message: String,
+    },
+    /// The admin listener could not be bound.
+    #[error("admin listener: cannot listen on {addr}: {source}")]
+    Admin {
+        /// Address asked for.
+        addr: SocketAddr,
+        /// OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Commands sent to a shard over its control channel.
+pub(crate) enum Control {
+    /// Reply with a copy of the shard's counters.
+    Snapshot(mpsc::Sender<Snapshot>),
+    /// Stop accepting, close every connection (1001, spread over the drain window), exit.
+    Drain,
+}
+
+/// A cloneable handle to ask every shard for its counters (used by the admin listener).
+#[derive(Clone)]
+pub struct ShardSet {
+    controls: Arc<Vec<async_channel::Sender<Control>>>,
+    backend: Backend,
+    draining: Arc<AtomicBool>,
+}
+
+impl ShardSet {
+    /// Counters of every shard that answers within one second, in shard order.
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        let mut waiting = Vec::with_capacity(self.controls.len());
+        for c in self.controls.iter() {
+            let (tx, rx) = mpsc::channel();
+            if c.try_send(Control::Snapshot(tx)).is_ok() {
+                waiting.push(rx);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        waiting
+            .into_iter()
+            .filter_map(|rx| {
+                rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                    .ok()
+            })
+            .collect()
+    }
+
+    /// Process facts for the exporters.
+    pub fn info(&self) -> Info {
+        Info {
+            io_backend: self.backend.as_str(),
+            shards: self.controls.len(),
+            draining: self.draining.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A running server: shard threads plus the optional admin listener.
+pub struct Server {
+    set: ShardSet,
+    threads: Vec<JoinHandle<()>>,
+    listen_addrs: Vec<(String, SocketAddr)>,
+    admin: Option<crate::admin::AdminServer>,
+    drain_timeout: Duration,
+}
+
+/// Per-listener state shared by all shards.
+pub(crate) struct ListenerShared {
+    pub(crate) cfg: ListenerConfig,
+    /// Open WebSocket connections across shards (checked against `max_connections`).
+    pub(crate) open: AtomicUsize,
+}
+
+/// Everything a shard's tasks share. Lives on the shard thread only (`Rc`).
+pub(crate) struct ShardCtx {
+    pub(crate) id: usize,
+    pub(crate) listeners: Vec<Arc<ListenerShared>>,
+    pub(crate) metrics: ShardMetrics,
+    pub(crate) drain: signal::Drain,
+    pub(crate) drain_window: Duration,
+    /// Connection tasks alive (handshaking or open), for the drain.
+    pub(crate) live: std::cell::Cell<usize>,
+    /// Sequence number of accepted connections; spreads drain closes.
+    pub(crate) seq: std::cell::Cell<u64>,
+}
+
+impl Server {
+    /// Bind every listener on every shard, start the shard threads and the admin listener.
+    /// Returns once every shard is serving.
+    ///
+    /// # Errors
+    /// See [`StartError`]: io_uring forced but unavailable, a bind failure, a shard that
+    /// could not build its runtime, the admin bind.
+    pub fn start(cfg: &Config) -> Result<Self, StartError> {
+        let shards = cfg
+            .runtime
+            .shards
+            .or_else(|| std::thread::available_parallelism().ok())
+            .unwrap_or(NonZeroUsize::MIN)
+            .get();
+        let backend = select_backend(cfg.runtime.io)?;
+
+        // Bind in the calling thread so that errors surface synchronously. Port 0 is resolved
+        // by the first shard's socket; the others join the same port through SO_REUSEPORT.
+        let mut per_shard: Vec<Vec<StdListener>> = (0..shards).map(|_| Vec::new()).collect();
+        let mut listen_addrs = Vec::new();
+        let mut shared = Vec::new();
+        for l in &cfg.listeners {
+            let mut addr = l.bind;
+            for sockets in per_shard.iter_mut() {
+                let sock = bind_reuseport(addr, l.backlog).map_err(|source| StartError::Bind {
+                    name: l.name.clone(),
+                    addr,
+                    source,
+                })?;
+                // Invariant: a bound socket has a local address.
+                addr = sock.local_addr().expect("bound socket has an address");
+                sockets.push(sock);
+            }
+            info!(listener = %l.name, %addr, shards, io = %backend.as_str(), "listening");
+            listen_addrs.push((l.name.clone(), addr));
+            shared.push(Arc::new(ListenerShared {
+                cfg: l.clone(),
+                open: AtomicUsize::new(0),
+            }));
+        }
+
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, (usize, String)>>();
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let mut controls = Vec::with_capacity(shards);
+        let mut threads = Vec::with_capacity(shards);
+        for (id, sockets) in per_shard.into_iter().enumerate() {
+            let (ctl_tx, ctl_rx) = async_channel::unbounded();
+            controls.push(ctl_tx);
+            let core = if cfg.runtime.pin_threads && !cores.is_empty() {
+                Some(cores[id % cores.len()])
+            } else {
+                None
+            };
+            let ctx_parts = (
+                id,
+                shared.clone(),
+                cfg.runtime.drain_window,
+                cfg.runtime.drain_timeout,
+            );
+            let ready = ready_tx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("wsedge-shard-{id}"))
+                .spawn(move || {
+                    if let Some(core) = core {
+                        core_affinity::set_for_current(core);
+                    }
+                    run_shard(backend, ctx_parts, sockets, ctl_rx, ready);
+                })
+                .map_err(|e| StartError::Shard {
+                    shard: id,
+                    message: format!("cannot spawn thread: {e}"),
+                })?;
+            threads.push(t);
+        }
+        drop(ready_tx);
+        for _ in 0..shards {
+            match ready_rx.recv() {
+                Ok(Ok(_)) => {}
+                Ok(Err((shard, message))) => return Err(StartError::Shard { shard, message }),
+                Err(_) => {
+                    return Err(StartError::Shard {
+                        shard: usize::MAX,
+                        message: "a shard thread exited during startup".into(),
+                    });
+                }
+            }
+        }
+
+        let set = ShardSet {
+            controls: Arc::new(controls),
+            backend,
+            draining: Arc::new(AtomicBool::new(false)),
+        };
+        let admin = match &cfg.admin {
+            Some(a) => Some(
+                crate::admin::AdminServer::start(a.bind, set.clone()).map_err(|source| {
+                    StartError::Admin {
+                        addr: a.bind,
+                        source,
+                    }
+                })?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            set,
+            threads,
+            listen_addrs,
+            admin,
+            drain_timeout: cfg.runtime.drain_timeout,
+        })
+    }
+
+    /// Bound address of each listener, by name, in config order (port 0 resolved).
+    pub fn listen_addrs(&self) -> &[(String, SocketAddr)] {
+        &self.listen_addrs
+    }
+
+    /// Bound address of the admin listener, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.addr())
+    }
+
+    /// The backend the shards run on.
+    pub fn backend(&self) -> Backend {
+        self.set.backend
+    }
+
+    /// Handle for querying the shards.
+    pub fn shards(&self) -> &ShardSet {
+        &self.set
+    }
+
+    /// Drain and stop: stop accepting, close every connection with 1001 (spread over the
+    /// drain window), wait for the shards up to the drain deadline, stop the admin listener.
+    pub fn shutdown(mut self) {
+        self.set.draining.store(true, Ordering::Relaxed);
+        for c in self.set.controls.iter() {
+            let _ = c.try_send(Control::Drain);
+        }
+        for t in self.threads.drain(..) {
+            // A shard that panicked has already logged; there is nothing left to drain.
+            let _ = t.join();
+        }
+        if let Some(a) = self.admin.take() {
+            a.stop();
+        }
+        info!(
+            deadline_ms = self.drain_timeout.as_millis() as u64,
+            "shut down"
+        );
+    }
+}
+
+/// Decide the backend once for all shards, logging the reason for a fallback.
+fn select_backend(mode: IoMode) -> Result<Backend, StartError> {
+    // Probe on a throwaway thread: tearing down a ring queues task work on the thread that
+    // created it, which would interrupt that thread's next blocking syscall with EINTR.
+    let probe = || {
+        std::thread::spawn(|| {
+            ProactorBuilder::new()
+                .driver_type(DriverType::IoUring)
+                .build()
+                .map(drop)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("io_uring probe panicked")))
+    };
+    match mode {
+        IoMode::Epoll => Ok(Backend::Epoll),
+        IoMode::Uring => probe()
+            .map(|_| Backend::IoUring)
+            .map_err(StartError::UringUnavailable),
+        IoMode::Auto => match probe() {
+            Ok(()) => Ok(Backend::IoUring),
+            Err(e) => {
+                warn!(error = %e, "io_uring is unavailable; falling back to epoll");
+                Ok(Backend::Epoll)
+            }
+        },
+    }
+}
+
+fn bind_reuseport(addr: SocketAddr, backlog: u32) -> std::io::Result<StdListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(backlog as i32)?;
+    Ok(sock.into())
+}
+
+type CtxParts = (usize, Vec<Arc<ListenerShared>>, Duration, Duration);
+
+fn run_shard(
+    backend: Backend,
+    (id, listeners, drain_window, drain_timeout): CtxParts,
+    sockets: Vec<StdListener>,
+    control: async_channel::Receiver<Control>,
+    ready: mpsc::Sender<Result<usize, (usize, String)>>,
+) {
+    let mut proactor = ProactorBuilder::new();
+    proactor.driver_type(backend.driver_type());
+    let rt = match compio::runtime::RuntimeBuilder::new()
+        .with_proactor(proactor)
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err((
+                id,
+                format!("cannot build {} runtime: {e}", backend.as_str()),
+            )));
+            return;
+        }
+    };
+    let ctx = Rc::new(ShardCtx {
+        id,
+        listeners,
+        metrics: ShardMetrics::default(),
+        drain: signal::Drain::default(),
+        drain_window,
+        live: std::cell::Cell::new(0),
+        seq: std::cell::Cell::new(0),
+    });
+    rt.block_on(async move {
+        let mut accepts = Vec::with_capacity(sockets.len());
+        for (idx, s) in sockets.into_iter().enumerate() {
+            match compio::net::TcpListener::from_std(s) {
+                Ok(l) => accepts.push(compio::runtime::spawn(accept::accept_loop(
+                    ctx.clone(),
+                    idx,
+                    l,
+                ))),
+                Err(e) => {
+                    let _ = ready.send(Err((id, format!("cannot register listener: {e}"))));
+                    return;
+                }
+            }
+        }
+        let _ = ready.send(Ok(id));
+        drop(ready);
+
+        // Serve control requests until told to drain (or the server handle is gone).
+        while let Ok(cmd) = control.recv().await {
+            match cmd {
+                Control::Snapshot(reply) => {
+                    let _ = reply.send(ctx.metrics.snapshot(ctx.id));
+                }
+                Control::Drain => break,
+            }
+        }
+
+        // Drain: stop accepting (dropping the accept tasks closes the sockets), tell every
+        // connection, then wait for them up to the deadline while still answering snapshots.
+        drop(accepts);
+        ctx.drain.fire();
+        let deadline = Instant::now() + drain_timeout;
+        while ctx.live.get() > 0 && Instant::now() < deadline {
+            if let Ok(Ok(Control::Snapshot(reply))) =
+                compio::time::timeout(Duration::from_millis(10), control.recv()).await
+            {
+                let _ = reply.send(ctx.metrics.snapshot(ctx.id));
+            }
+        }
+        if ctx.live.get() > 0 {
+            warn!(
+                shard = ctx.id,
+                remaining = ctx.live.get(),
+                "drain deadline reached; dropping connections"
+            );
+        }
+    });
+}

@@ -1,0 +1,82 @@
+//! Autobahn|Testsuite (fuzzingclient) against `/echo`, cases 1.* to 10.*, on both backends.
+//! Fails on any FAILED case. The suite lives in `../shared/autobahn` (or `WSEDGE_AUTOBAHN_DIR`);
+//! it is installed into a Python virtualenv by its own `setup.sh` (from PyPI, pinned).
+//! Set `WSEDGE_SKIP_AUTOBAHN=1` to skip it explicitly on a machine without the suite.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use wsedge::config::IoMode;
+
+fn suite_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("WSEDGE_AUTOBAHN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/autobahn"));
+    if !dir.join("run-fuzzingclient.sh").exists() {
+        return None;
+    }
+    // The suite installs its virtualenv next to itself; use a private copy if that folder
+    // is read-only.
+    let probe = dir.join(".wsedge-write-probe");
+    if std::fs::write(&probe, b"").is_ok() {
+        let _ = std::fs::remove_file(&probe);
+        return Some(dir);
+    }
+    let copy = Path::new(env!("CARGO_TARGET_TMPDIR")).join("autobahn");
+    if !copy.exists() {
+        let st = Command::new("cp")
+            .arg("-r")
+            .arg(&dir)
+            .arg(&copy)
+            .status()
+            .unwrap();
+        assert!(st.success(), "copying the suite failed");
+    }
+    Some(copy)
+}
+
+#[test]
+fn autobahn_cases_1_to_10_have_no_failures_on_both_backends() {
+    if std::env::var_os("WSEDGE_SKIP_AUTOBAHN").is_some() {
+        eprintln!("WSEDGE_SKIP_AUTOBAHN is set: Autobahn conformance NOT checked");
+        return;
+    }
+    let dir = suite_dir().expect(
+        "Autobahn suite not found at ../shared/autobahn (set WSEDGE_AUTOBAHN_DIR, or \
+         WSEDGE_SKIP_AUTOBAHN=1 to skip explicitly)",
+    );
+    let st = Command::new("bash")
+        .arg(dir.join("setup.sh"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "autobahn setup.sh failed");
+    for (io, name) in [(IoMode::Uring, "uring"), (IoMode::Epoll, "epoll")] {
+        let srv = common::start(io, 1, "");
+        let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("autobahn-{name}"));
+        let out = Command::new("bash")
+            .arg(dir.join("run-fuzzingclient.sh"))
+            .arg(format!("{}/echo", srv.addr))
+            .arg("no-deflate")
+            .env("OUT", &out_dir)
+            .env("AGENT", format!("wsedge-{name}"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let summary: String = stdout
+            .lines()
+            .skip_while(|l| !l.starts_with("Agent "))
+            .collect::<Vec<_>>()
+            .join("\n");
+        println!("[{name}] {summary}");
+        assert!(
+            out.status.success(),
+            "Autobahn on {name}: exit {:?}\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(summary.contains("FAILED=0"), "{summary}");
+        assert!(summary.contains("301 cases"), "{summary}");
+    }
+}

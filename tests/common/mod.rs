@@ -1,0 +1,339 @@
+//! Shared test harness: an in-process server on 127.0.0.1:0 and a small blocking WebSocket
+//! client built on wsedge's own protocol core (client role).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use wsedge::config::{Config, IoMode};
+use wsedge::metrics::{Snapshot, merge};
+use wsedge::proto::handshake::{generate_key, parse_response, write_client_request};
+use wsedge::proto::{CloseCode, Conn, Event, HandshakeLimits, Limits, MessageKind, Role};
+use wsedge::shard::Server;
+
+/// Generous bound for a blocking read in tests; a correct server answers in microseconds.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Generate one `#[test]` per I/O backend for a body `fn(IoMode)`.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod uring {
+            $( #[test] fn $name() { super::$name(wsedge::config::IoMode::Uring) } )*
+        }
+        mod epoll {
+            $( #[test] fn $name() { super::$name(wsedge::config::IoMode::Epoll) } )*
+        }
+    };
+}
+
+/// An in-process wsedge.
+pub struct TestServer {
+    server: Option<Server>,
+    /// The WebSocket listener.
+    pub addr: SocketAddr,
+    /// The admin listener.
+    pub admin: SocketAddr,
+}
+
+/// Listener keys for [`start`]; appended to a minimal config with an `/echo` route.
+pub fn start(io: IoMode, shards: usize, listener_extra: &str) -> TestServer {
+    start_with(io, shards, listener_extra, "")
+}
+
+/// Like [`start`], with extra `[runtime]` keys.
+pub fn start_with(
+    io: IoMode,
+    shards: usize,
+    listener_extra: &str,
+    runtime_extra: &str,
+) -> TestServer {
+    let text = format!(
+        "[runtime]\nshards = {shards}\npin_threads = false\n{runtime_extra}\n\
+         [[listener]]\nbind = \"127.0.0.1:0\"\n{listener_extra}\n\
+         [[listener.route]]\npath = \"/echo\"\nkind = \"echo\"\n\
+         [admin]\nbind = \"127.0.0.1:0\"\n"
+    );
+    let mut cfg = Config::parse(&text).expect("test config");
+    cfg.runtime.io = io;
+    let server = Server::start(&cfg).expect("server starts");
+    TestServer {
+        addr: server.listen_addrs()[0].1,
+        admin: server.admin_addr().expect("admin enabled"),
+        server: Some(server),
+    }
+}
+
+impl TestServer {
+    /// Merged counters of all shards.
+    pub fn totals(&self) -> Snapshot {
+        merge(&self.server.as_ref().unwrap().shards().snapshots())
+    }
+
+    /// Drain and stop (blocks until the shards exit).
+    pub fn shutdown(mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown();
+        }
+    }
+
+    /// Poll the counters until `pred` holds (bounded by [`READ_TIMEOUT`]); panics otherwise.
+    /// Counters are updated by the shard after it has answered the client, so a test that
+    /// saw the answer may still need a moment before the counter moves.
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&Snapshot) -> bool) -> Snapshot {
+        let deadline = std::time::Instant::now() + READ_TIMEOUT;
+        loop {
+            let t = self.totals();
+            if pred(&t) {
+                return t;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {t:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown();
+        }
+    }
+}
+
+/// One HTTP GET to the admin listener; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp[9..12].parse().unwrap();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    (status, body)
+}
+
+/// Send raw bytes as a request and read the whole response until the server closes.
+pub fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    s.write_all(request).unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    String::from_utf8_lossy(&resp).into_owned()
+}
+
+/// A valid upgrade request for `path`.
+pub fn upgrade_request(path: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_client_request(
+        "127.0.0.1",
+        path,
+        &generate_key([7; 16]),
+        &[],
+        &[],
+        &mut out,
+    );
+    out
+}
+
+/// A blocking WebSocket client (client role of wsedge's protocol core).
+pub struct Client {
+    pub stream: TcpStream,
+    pub conn: Conn,
+    rbuf: BytesMut,
+}
+
+/// How a handshake attempt ended.
+#[derive(Debug)]
+pub enum Refused {
+    /// The server answered with a non-101 status; the response text.
+    Status(u16, String),
+    /// The connection closed or failed.
+    Io(String),
+}
+
+impl Client {
+    /// Connect and upgrade; panics on failure.
+    pub fn connect(addr: SocketAddr, path: &str) -> Self {
+        Self::try_connect(addr, path).expect("upgrade succeeds")
+    }
+
+    /// Connect and upgrade.
+    pub fn try_connect(addr: SocketAddr, path: &str) -> Result<Self, Refused> {
+        let mut stream = TcpStream::connect(addr).map_err(|e| Refused::Io(e.to_string()))?;
+        stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let key = generate_key(rand_bytes());
+        let mut req = Vec::new();
+        write_client_request("127.0.0.1", path, &key, &[], &[], &mut req);
+        stream
+            .write_all(&req)
+            .map_err(|e| Refused::Io(e.to_string()))?;
+        let mut buf = BytesMut::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = stream
+                .read(&mut chunk)
+                .map_err(|e| Refused::Io(e.to_string()))?;
+            if n == 0 {
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                return match text.get(9..12).and_then(|s| s.parse().ok()) {
+                    Some(status) => Err(Refused::Status(status, text)),
+                    None => Err(Refused::Io(format!("closed before a response: {text:?}"))),
+                };
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            match parse_response(&buf, &key, &[], &HandshakeLimits::default()) {
+                Ok(None) => {}
+                Ok(Some((_, consumed))) => {
+                    let _ = buf.split_to(consumed);
+                    let mut conn = Conn::new(Role::Client, Limits::default());
+                    conn.set_mask_seed(u64::from_le_bytes(rand_bytes()[..8].try_into().unwrap()));
+                    return Ok(Self {
+                        stream,
+                        conn,
+                        rbuf: buf,
+                    });
+                }
+                Err(_) => {
+                    // Read the rest of the error response.
+                    let _ = stream.read_to_end(&mut buf.to_vec());
+                    let text = String::from_utf8_lossy(&buf).into_owned();
+                    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+                    return Err(Refused::Status(status, text));
+                }
+            }
+        }
+    }
+
+    /// Write everything the protocol core has queued.
+    pub fn flush(&mut self) {
+        let mut out = Vec::new();
+        self.conn.poll_transmit(&mut out);
+        self.stream.write_all(&out).unwrap();
+    }
+
+    /// Send one text message.
+    pub fn send_text(&mut self, s: &str) {
+        self.conn.send(MessageKind::Text, s.as_bytes()).unwrap();
+        self.flush();
+    }
+
+    /// Send one binary message.
+    pub fn send_binary(&mut self, b: &[u8]) {
+        self.conn.send(MessageKind::Binary, b).unwrap();
+        self.flush();
+    }
+
+    /// Write raw bytes to the socket (hostile input).
+    pub fn send_raw(&mut self, b: &[u8]) {
+        self.stream.write_all(b).unwrap();
+    }
+
+    /// Next event, or None when the server closed the TCP connection.
+    pub fn next_event(&mut self) -> Option<Event> {
+        loop {
+            if let Some(ev) = self.conn.poll_event() {
+                return Some(ev);
+            }
+            let mut chunk = vec![0u8; 64 * 1024];
+            let n = match self.stream.read(&mut chunk) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => 0,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => panic!("read failed (timeout?): {e}"),
+            };
+            if n == 0 {
+                return None;
+            }
+            self.rbuf.extend_from_slice(&chunk[..n]);
+            self.conn
+                .handle_input(&mut self.rbuf)
+                .expect("server sent valid frames");
+        }
+    }
+
+    /// Next message (skipping pings/pongs); panics on close.
+    pub fn recv(&mut self) -> (MessageKind, Vec<u8>) {
+        loop {
+            match self.next_event() {
+                Some(Event::Message { kind, data }) => return (kind, data.to_vec()),
+                Some(Event::Ping(_)) | Some(Event::Pong(_)) => {}
+                other => panic!("expected a message, got {other:?}"),
+            }
+        }
+    }
+
+    /// Read until the server's close frame; returns its code (answering it), or None if the
+    /// connection ended without one.
+    pub fn expect_close(&mut self) -> Option<CloseCode> {
+        loop {
+            match self.next_event() {
+                Some(Event::Close { code, .. }) => {
+                    let mut out = Vec::new();
+                    self.conn.poll_transmit(&mut out);
+                    let _ = self.stream.write_all(&out);
+                    return code;
+                }
+                Some(_) => {}
+                None => return None,
+            }
+        }
+    }
+
+    /// After the close handshake: true if the server then closed the TCP connection.
+    pub fn server_closed_tcp(&mut self) -> bool {
+        let mut b = [0u8; 64];
+        matches!(self.stream.read(&mut b), Ok(0))
+            || matches!(self.stream.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+    }
+}
+
+/// Bytes from the OS RNG-free source good enough for tests: a hash of time and a counter.
+pub fn rand_bytes() -> [u8; 16] {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = [0u8; 16];
+    for chunk in out.chunks_mut(8) {
+        let mut h = RandomState::new().build_hasher();
+        h.write_u64(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64,
+        );
+        chunk.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    out
+}
+
+/// A masked client frame built by hand (for hostile-input tests).
+pub fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.push(if fin { 0x80 } else { 0 } | opcode);
+    let key = [1u8, 2, 3, 4];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n < 65536 => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&key);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    out
+}
