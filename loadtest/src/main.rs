@@ -1,5 +1,356 @@
-//! `wsedge-load`: WebSocket load generator (scenarios land with issue 3).
-fn main() {
-    eprintln!("wsedge-load: scenarios are not implemented yet (see issue 3)");
-    std::process::exit(2);
+//! `wsedge-load`: a WebSocket load generator built on wsedge's sans-IO protocol core and the
+//! same completion-based runtime (one worker thread per `--threads`, each with its own
+//! runtime).
+//!
+//! Scenarios: `echo` (closed or open loop). The `broadcast`, `ingest` and `connect`
+//! scenarios are tracked in issue 3.
+
+mod client;
+mod echo;
+mod stats;
+
+use std::io::{IsTerminal, Write};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::echo::{EchoParams, Timing};
+use crate::stats::{Latency, Live, Second, WorkerStats, process_cpu};
+
+/// WebSocket load generator.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Round trips against an echo endpoint (closed loop, or open loop with --rate).
+    Echo(EchoArgs),
+}
+
+#[derive(Args)]
+struct EchoArgs {
+    /// Target URL.
+    #[arg(default_value = "ws://127.0.0.1:8080/echo")]
+    url: String,
+    /// Connections.
+    #[arg(short, long, default_value_t = 100)]
+    conns: usize,
+    /// Payload size in bytes.
+    #[arg(short, long, default_value_t = 20)]
+    size: usize,
+    /// Closed loop: messages in flight per connection.
+    #[arg(long, default_value_t = 1)]
+    inflight: usize,
+    /// Open loop: total messages per second over all connections (latency is measured from
+    /// the scheduled send time: coordinated omission corrected).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Measured seconds.
+    #[arg(short, long, default_value_t = 10.0)]
+    duration: f64,
+    /// Warm-up seconds, excluded from the results.
+    #[arg(short, long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Worker threads (each with its own runtime).
+    #[arg(short, long, default_value_t = 1)]
+    threads: usize,
+    /// Local source addresses, e.g. 127.0.0.1-127.0.0.16 or a comma list.
+    #[arg(long)]
+    source: Option<String>,
+    /// Write the results as JSON to this file (schema in docs/loadtest.md).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().scenario {
+        Scenario::Echo(a) => run_echo(a),
+    }
+}
+
+fn parse_sources(s: &str) -> anyhow::Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        if let Some((a, b)) = part.split_once('-') {
+            let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) =
+                (a.trim().parse()?, b.trim().parse()?);
+            let (a, b) = (u32::from(a), u32::from(b));
+            if b < a || b - a > 65_535 {
+                bail!("bad source range `{part}`");
+            }
+            out.extend((a..=b).map(|x| IpAddr::from(std::net::Ipv4Addr::from(x))));
+        } else {
+            out.push(
+                part.trim()
+                    .parse()
+                    .with_context(|| format!("bad source `{part}`"))?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Raise RLIMIT_NOFILE to its hard limit and check the connection count fits.
+fn check_limits(conns: usize, sources: usize) -> anyhow::Result<()> {
+    let (soft, hard) = rlimit_nofile();
+    let needed = conns as u64 + 64;
+    if soft < needed && hard > soft {
+        raise_nofile(hard);
+    }
+    let (soft, _) = rlimit_nofile();
+    if soft < needed {
+        bail!(
+            "{conns} connections need about {needed} file descriptors, but RLIMIT_NOFILE is \
+             {soft} (hard limit {hard}); raise the hard limit (ulimit -Hn / limits.conf) or \
+             use fewer connections"
+        );
+    }
+    let ports = ephemeral_ports();
+    let per_source = ports.saturating_mul(sources.max(1) as u64);
+    if conns as u64 > per_source {
+        bail!(
+            "{conns} connections to one server address need {conns} distinct (source address, \
+             port) pairs; the ephemeral range has {ports} ports per source address and {} \
+             source address(es) give {per_source}: add --source 127.0.0.1-127.0.0.N with N ≥ {}",
+            sources.max(1),
+            (conns as u64).div_ceil(ports.max(1))
+        );
+    }
+    Ok(())
+}
+
+fn ephemeral_ports() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|x| x.parse::<u64>().ok());
+            Some(it.next()??.abs_diff(it.next()??) + 1)
+        })
+        .unwrap_or(28_232)
+}
+
+fn rlimit_nofile() -> (u64, u64) {
+    use nix::sys::resource::{Resource, getrlimit};
+    getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024))
+}
+
+fn raise_nofile(to: u64) {
+    use nix::sys::resource::{Resource, setrlimit};
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, to, to);
+}
+
+/// The `--json` report (documented in docs/loadtest.md).
+#[derive(Serialize)]
+struct Report {
+    scenario: &'static str,
+    url: String,
+    conns_requested: usize,
+    conns_established: u64,
+    size: usize,
+    mode: String,
+    threads: usize,
+    duration_s: f64,
+    warmup_s: f64,
+    messages: u64,
+    rate_msgs_per_s: f64,
+    latency: Latency,
+    timeline: Vec<Second>,
+    errors: std::collections::BTreeMap<String, u64>,
+    client_cpu_pct: f64,
+    late_sends: u64,
+    warnings: Vec<String>,
+}
+
+fn run_echo(a: EchoArgs) -> anyhow::Result<()> {
+    if a.conns == 0 || a.threads == 0 || a.inflight == 0 {
+        bail!("--conns, --threads and --inflight must be at least 1");
+    }
+    if a.duration <= 0.0 || a.warmup < 0.0 {
+        bail!("--duration must be > 0 and --warmup ≥ 0");
+    }
+    let target = client::Target::parse(&a.url)?;
+    let sources = a
+        .source
+        .as_deref()
+        .map(parse_sources)
+        .transpose()?
+        .unwrap_or_default();
+    check_limits(a.conns, sources.len())?;
+    let params = Arc::new(EchoParams {
+        target,
+        conns: a.conns,
+        size: a.size,
+        inflight: a.inflight,
+        rate: a.rate,
+        duration: Duration::from_secs_f64(a.duration),
+        warmup: Duration::from_secs_f64(a.warmup),
+        sources,
+    });
+    let live = Arc::new(Live::default());
+    let timing = Arc::new(OnceLock::new());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let threads = a.threads.min(a.conns);
+    let mut handles = Vec::new();
+    let mut first = 0;
+    for w in 0..threads {
+        let n = a.conns / threads + usize::from(w < a.conns % threads);
+        let (p, l, t, tx) = (params.clone(), live.clone(), timing.clone(), tx.clone());
+        let f = first;
+        handles.push(std::thread::spawn(move || echo::worker(p, f, n, l, tx, t)));
+        first += n;
+    }
+    drop(tx);
+    for _ in 0..threads {
+        rx.recv().context("a worker died while connecting")?;
+    }
+    let start = Instant::now();
+    let measure_start = start + params.warmup;
+    let end = measure_start + params.duration;
+    let _ = timing.set(Timing {
+        start,
+        measure_start,
+        end,
+    });
+    let open = live.connections.load(Ordering::Relaxed);
+    if open == 0 {
+        eprintln!("no connection could be established");
+    }
+
+    // Progress: one line per second (rewritten in place on a terminal).
+    let tty = std::io::stderr().is_terminal();
+    let mut last = 0u64;
+    let mut cpu_at_measure = None;
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_secs(1).min(end - Instant::now()));
+        if cpu_at_measure.is_none() && Instant::now() >= measure_start {
+            cpu_at_measure = Some((process_cpu(), Instant::now()));
+        }
+        let m = live.messages.load(Ordering::Relaxed);
+        let line = format!(
+            "t={:>4.0}s  {:>10} msg/s  conns {:>6}  errors {:>5}{}",
+            start.elapsed().as_secs_f64(),
+            m - last,
+            live.connections.load(Ordering::Relaxed),
+            live.errors.load(Ordering::Relaxed),
+            if Instant::now() < measure_start {
+                "  (warm-up)"
+            } else {
+                ""
+            }
+        );
+        last = m;
+        if tty {
+            eprint!("\r{line}   ");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+    let cpu_end = (process_cpu(), Instant::now());
+    if tty {
+        eprintln!();
+    }
+    let mut total = WorkerStats::new();
+    for h in handles {
+        total.merge(h.join().map_err(|_| anyhow::anyhow!("a worker panicked"))?);
+    }
+    let (cpu0, t0) = cpu_at_measure.unwrap_or((Duration::ZERO, start));
+    let client_cpu_pct =
+        100.0 * (cpu_end.0 - cpu0).as_secs_f64() / (cpu_end.1 - t0).as_secs_f64() / threads as f64;
+    let mut warnings = Vec::new();
+    if client_cpu_pct > 90.0 {
+        warnings.push(format!(
+            "the load generator used {client_cpu_pct:.0}% of its {threads} thread(s): it may be \
+             the bottleneck (add --threads, or pin it to its own core)"
+        ));
+    }
+    if total.late_sends > total.messages / 100 {
+        warnings.push(format!(
+            "{} sends left more than 1 ms behind schedule: the client could not keep the rate",
+            total.late_sends
+        ));
+    }
+    let secs = params.duration.as_secs_f64();
+    let report = Report {
+        scenario: "echo",
+        url: a.url.clone(),
+        conns_requested: a.conns,
+        conns_established: total.connected,
+        size: a.size,
+        mode: match a.rate {
+            Some(r) => format!("open-loop {r} msg/s"),
+            None => format!("closed-loop inflight={}", a.inflight),
+        },
+        threads,
+        duration_s: secs,
+        warmup_s: params.warmup.as_secs_f64(),
+        messages: total.messages,
+        rate_msgs_per_s: total.messages as f64 / secs,
+        latency: Latency::of(&total.hist),
+        timeline: total
+            .timeline
+            .iter()
+            .enumerate()
+            .take(secs.ceil() as usize)
+            .map(|(t, (n, h))| Second {
+                t,
+                messages: *n,
+                p99_us: h.value_at_quantile(0.99) as f64 / 1000.0,
+            })
+            .collect(),
+        errors: total.errors,
+        client_cpu_pct,
+        late_sends: total.late_sends,
+        warnings,
+    };
+    print_summary(&report);
+    if let Some(path) = &a.json {
+        let mut f = std::fs::File::create(path).with_context(|| format!("{}", path.display()))?;
+        serde_json::to_writer_pretty(&mut f, &report)?;
+        writeln!(f)?;
+    }
+    if report.messages == 0 {
+        bail!("no message completed");
+    }
+    Ok(())
+}
+
+fn print_summary(r: &Report) {
+    println!(
+        "echo {}  conns {}/{}  size {} B  {}  threads {}",
+        r.url, r.conns_established, r.conns_requested, r.size, r.mode, r.threads
+    );
+    println!(
+        "  measured {:.1} s (warm-up {:.1} s excluded)",
+        r.duration_s, r.warmup_s
+    );
+    println!(
+        "  messages  {:>12}   rate {:>12.0} msg/s",
+        r.messages, r.rate_msgs_per_s
+    );
+    let l = &r.latency;
+    println!(
+        "  latency   p50 {:.1} µs  p90 {:.1} µs  p99 {:.1} µs  p99.9 {:.1} µs  max {:.1} µs",
+        l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us
+    );
+    if r.errors.is_empty() {
+        println!("  errors    none");
+    } else {
+        for (k, v) in &r.errors {
+            println!("  error     {v:>8}  {k}");
+        }
+    }
+    println!("  client cpu {:.0}% per thread", r.client_cpu_pct);
+    for w in &r.warnings {
+        println!("  WARNING: {w}");
+    }
 }

@@ -1,0 +1,160 @@
+//! Measurement: per-worker HdrHistograms and counters, merged at the end; the live progress
+//! line; the summary table and the `--json` report.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Latency histogram in nanoseconds, 1 ns to 100 s, 3 significant digits.
+pub fn new_hist() -> Histogram<u64> {
+    // Invariant: constant, valid bounds.
+    Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Counters workers update as they go, read by the progress line (single writer each).
+#[derive(Default)]
+pub struct Live {
+    /// Messages completed (echo received) since start, warm-up included.
+    pub messages: AtomicU64,
+    /// Errors of any kind.
+    pub errors: AtomicU64,
+    /// Connections currently open.
+    pub connections: AtomicU64,
+}
+
+impl Live {
+    /// Add to a counter.
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// What one worker measured.
+pub struct WorkerStats {
+    /// Latency of messages completed inside the measured window.
+    pub hist: Histogram<u64>,
+    /// Per-second slots from the start of the measured window.
+    pub timeline: Vec<(u64, Histogram<u64>)>,
+    /// Errors by kind.
+    pub errors: BTreeMap<String, u64>,
+    /// Messages completed inside the measured window.
+    pub messages: u64,
+    /// Connections established.
+    pub connected: u64,
+    /// Open loop: sends that left more than 1 ms after their scheduled time.
+    pub late_sends: u64,
+}
+
+impl WorkerStats {
+    /// Empty stats.
+    pub fn new() -> Self {
+        Self {
+            hist: new_hist(),
+            timeline: Vec::new(),
+            errors: BTreeMap::new(),
+            messages: 0,
+            connected: 0,
+            late_sends: 0,
+        }
+    }
+
+    /// Count an error of kind `label`.
+    pub fn error(&mut self, label: impl Into<String>) {
+        *self.errors.entry(label.into()).or_default() += 1;
+    }
+
+    /// Record one completed message at `second` of the measured window.
+    pub fn record(&mut self, second: usize, latency: Duration) {
+        let ns = (latency.as_nanos() as u64).clamp(1, 100_000_000_000);
+        // Invariant: ns is clamped into the histogram's bounds.
+        self.hist.record(ns).expect("in bounds");
+        self.messages += 1;
+        if self.timeline.len() <= second {
+            self.timeline.resize_with(second + 1, || (0, new_hist()));
+        }
+        let slot = &mut self.timeline[second];
+        slot.0 += 1;
+        slot.1.record(ns).expect("in bounds");
+    }
+
+    /// Fold `other` into `self`.
+    pub fn merge(&mut self, other: WorkerStats) {
+        // Invariant: all histograms share the same bounds, so add cannot fail.
+        self.hist.add(&other.hist).expect("same bounds");
+        if self.timeline.len() < other.timeline.len() {
+            self.timeline
+                .resize_with(other.timeline.len(), || (0, new_hist()));
+        }
+        for (i, (n, h)) in other.timeline.into_iter().enumerate() {
+            self.timeline[i].0 += n;
+            self.timeline[i].1.add(&h).expect("same bounds");
+        }
+        for (k, v) in other.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+        self.messages += other.messages;
+        self.connected += other.connected;
+        self.late_sends += other.late_sends;
+    }
+}
+
+/// Percentiles in microseconds.
+#[derive(Serialize, Debug, Clone)]
+pub struct Latency {
+    /// 50th percentile.
+    pub p50_us: f64,
+    /// 90th percentile.
+    pub p90_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// 99.9th percentile.
+    pub p999_us: f64,
+    /// Largest.
+    pub max_us: f64,
+    /// Mean.
+    pub mean_us: f64,
+}
+
+impl Latency {
+    /// From a histogram in ns.
+    pub fn of(h: &Histogram<u64>) -> Self {
+        let us = |ns: u64| ns as f64 / 1000.0;
+        Self {
+            p50_us: us(h.value_at_quantile(0.5)),
+            p90_us: us(h.value_at_quantile(0.9)),
+            p99_us: us(h.value_at_quantile(0.99)),
+            p999_us: us(h.value_at_quantile(0.999)),
+            max_us: us(h.max()),
+            mean_us: h.mean() / 1000.0,
+        }
+    }
+}
+
+/// One second of the timeline.
+#[derive(Serialize, Debug)]
+pub struct Second {
+    /// Seconds since the start of the measured window.
+    pub t: usize,
+    /// Messages completed in that second.
+    pub messages: u64,
+    /// p99 latency in that second, µs.
+    pub p99_us: f64,
+}
+
+/// Process CPU time (user + system) so far, from /proc/self/stat.
+pub fn process_cpu() -> Duration {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the parenthesised command name; utime and stime are 14 and 15.
+            let after = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = after.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
