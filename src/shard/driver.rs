@@ -3,16 +3,17 @@
 //! Phase 1, handshake: read the HTTP upgrade request under `handshake_timeout`, match a route,
 //! reserve a slot under `max_connections`, answer 101 (or 4xx/503 and close).
 //!
-//! Phase 2, WebSocket: a single select loop over at most one read, one write, one timer and the
-//! drain signal. Bytes read go to the sans-IO [`Conn`]; its events go to the route logic; its
+//! Phase 2, WebSocket: a single select loop over at most one read, one write, the connection's
+//! shard signal (drain, keepalive; see [`super::signal`]) and, only while closing, one timer. Bytes read go to the sans-IO [`Conn`]; its events go to the route logic; its
 //! queued output is written in one `write_all` per batch, so everything produced by one read
 //! (many echoes, pongs) leaves in one submission. While a write is in flight and more than
 //! `max_pending_write_bytes` are queued, no new read is started: a client that does not read
 //! its replies stops being read from (TCP backpressure) instead of growing our memory.
 //!
-//! Memory while idle: the read buffer starts at [`MIN_READ`] bytes and grows only for large
-//! frames; buffers above [`KEEP_BUFFER`] are released once drained, so an idle connection
-//! holds one small buffer plus the task state.
+//! Memory while idle: the read buffer starts at [`MIN_READ`] bytes, grows while reads fill it
+//! (and to the frame size once a large frame's header is known), shrinks when reads come back
+//! small, and is released once drained if it is much larger than the current read size; so an
+//! idle connection holds one small buffer plus the task state.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,7 +31,7 @@ use futures_util::future::{Fuse, FusedFuture, FutureExt};
 use futures_util::select_biased;
 use tracing::debug;
 
-use super::{ListenerShared, ShardCtx};
+use super::{ListenerShared, ShardCtx, signal};
 use crate::config::RouteKind;
 use crate::metrics::HandshakeFailure;
 use crate::proto::handshake::{
@@ -38,8 +39,9 @@ use crate::proto::handshake::{
 };
 use crate::proto::{CloseCode, Conn, Event, HandshakeError, ProtoError, Role, State};
 
-/// Smallest read submitted; also the initial read buffer of a connection.
-const MIN_READ: usize = 512;
+/// Smallest read submitted; also the read buffer of a connection that has gone quiet. Small
+/// because an idle connection holds exactly one of these in its pending read.
+const MIN_READ: usize = 256;
 /// Largest read submitted for streams of small frames.
 const MAX_READ: usize = 64 * 1024;
 /// Buffers larger than this are released when they become empty.
@@ -206,15 +208,11 @@ fn write_op(stream: &TcpStream, buf: Vec<u8>) -> impl Future<Output = BufResult<
     async move { s.write_all(buf).await }
 }
 
-/// What the connection timer is counting down to.
+/// What the closing timer is counting down to (it is idle in normal operation).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum TimerMode {
-    /// No timer (keepalive disabled).
+    /// No timer armed.
     Off,
-    /// End of an idle period: ping if nothing arrived during it.
-    Idle,
-    /// Pong deadline: close if still nothing arrived.
-    Pong,
     /// Drain: this connection's turn to be sent 1001.
     DrainTurn,
     /// Our close frame is out; give up waiting for the peer's.
@@ -237,6 +235,13 @@ async fn websocket(
     let mut conn = Conn::new(Role::Server, cfg.limits.clone());
     let max_pending = cfg.max_pending_write_bytes.get();
 
+    // The handshake buffer (1 KiB) is only kept if the client pipelined frames behind its
+    // request; otherwise start small.
+    let initial = if initial.is_empty() {
+        BytesMut::new()
+    } else {
+        initial
+    };
     let mut rbuf: Option<BytesMut> = Some(initial);
     let mut out: Option<Vec<u8>> = Some(Vec::new());
     let mut read_size = MIN_READ;
@@ -245,19 +250,22 @@ async fn websocket(
     let mut fin_sent = false;
     // Close code seen for this connection: peer's, ours, or 1006 if none.
     let mut code: Option<u16> = None;
-    // Keepalive: set on every read; the idle timer checks and clears it.
-    let mut activity = false;
+    // Keepalive and drain come from the shard (one sweeper for all connections).
+    let registration = match cfg.idle_timeout {
+        Some(idle) => {
+            let ping_after = ticks(idle, ctx.tick);
+            ctx.conns
+                .register(ping_after, ping_after + ticks(cfg.pong_timeout, ctx.tick))
+        }
+        None => ctx.conns.register(0, 0),
+    };
+    let signal = &*registration.signal;
 
     let read_fut = pin!(Fuse::terminated());
     let write_fut = pin!(Fuse::terminated());
     let timer = pin!(Fuse::terminated());
-    let drain = pin!(ctx.drain.wait().fuse());
-    let (mut read_fut, mut write_fut, mut timer, mut drain) = (read_fut, write_fut, timer, drain);
+    let (mut read_fut, mut write_fut, mut timer) = (read_fut, write_fut, timer);
     let mut mode = TimerMode::Off;
-    if let Some(idle) = cfg.idle_timeout {
-        mode = TimerMode::Idle;
-        timer.set(compio::time::sleep(idle).fuse());
-    }
     // Process bytes that arrived together with the upgrade request.
     let mut pending_input = rbuf.as_ref().is_some_and(|b| !b.is_empty());
 
@@ -289,8 +297,9 @@ async fn websocket(
                     Event::Ping(_) | Event::Pong(_) => {}
                 }
             }
-            // Release big buffers once drained so idle connections stay small.
-            if buf.is_empty() && buf.capacity() > KEEP_BUFFER {
+            // Release buffers much larger than the current read size once drained, so a
+            // connection that goes quiet after a burst does not keep the burst's buffer.
+            if buf.is_empty() && buf.capacity() > 2 * read_size {
                 *buf = BytesMut::new();
             }
         }
@@ -335,7 +344,7 @@ async fn websocket(
                         peer_eof = true;
                     }
                     Ok(n) => {
-                        activity = true;
+                        signal.touch();
                         // Adapt the read size: grow while reads fill the buffer.
                         if n >= read_size && read_size < MAX_READ {
                             read_size *= 2;
@@ -369,30 +378,28 @@ async fn websocket(
                 }
                 out = Some(o);
             }
+            flags = signal.wait() => {
+                if flags & signal::PING != 0 && conn.send_ping(b"wsedge").is_ok() {
+                    metrics.on_ping_sent();
+                }
+                if flags & signal::IDLE_CLOSE != 0 && conn.state() == State::Open {
+                    metrics.on_idle_close();
+                    code.get_or_insert(CloseCode::GOING_AWAY.0);
+                    start_close(&mut conn, CloseCode::GOING_AWAY, "idle timeout");
+                    mode = TimerMode::CloseWait;
+                    timer.set(compio::time::sleep(cfg.close_timeout).fuse());
+                }
+                if flags & signal::DRAIN != 0 && conn.state() == State::Open {
+                    // Spread the closes over the drain window so clients reconnect gradually.
+                    let window = ctx.drain_window.as_millis() as u64;
+                    let turn = if window == 0 { 0 } else { spread(seq) % window };
+                    mode = TimerMode::DrainTurn;
+                    timer.set(compio::time::sleep(Duration::from_millis(turn)).fuse());
+                }
+            }
             () = timer => {
                 match mode {
                     TimerMode::Off => {}
-                    TimerMode::Idle | TimerMode::Pong => {
-                        // Invariant: Idle/Pong modes are only armed with keepalive enabled.
-                        let idle = cfg.idle_timeout.expect("keepalive enabled");
-                        if activity {
-                            activity = false;
-                            mode = TimerMode::Idle;
-                            timer.set(compio::time::sleep(idle).fuse());
-                        } else if mode == TimerMode::Idle {
-                            if conn.send_ping(b"wsedge").is_ok() {
-                                metrics.on_ping_sent();
-                            }
-                            mode = TimerMode::Pong;
-                            timer.set(compio::time::sleep(cfg.pong_timeout).fuse());
-                        } else {
-                            metrics.on_idle_close();
-                            code.get_or_insert(CloseCode::GOING_AWAY.0);
-                            start_close(&mut conn, CloseCode::GOING_AWAY, "idle timeout");
-                            mode = TimerMode::CloseWait;
-                            timer.set(compio::time::sleep(cfg.close_timeout).fuse());
-                        }
-                    }
                     TimerMode::DrainTurn => {
                         code.get_or_insert(CloseCode::GOING_AWAY.0);
                         start_close(&mut conn, CloseCode::GOING_AWAY, "server shutting down");
@@ -402,21 +409,17 @@ async fn websocket(
                     TimerMode::CloseWait | TimerMode::Linger => break,
                 }
             }
-            () = drain => {
-                if conn.state() == State::Open {
-                    // Spread the closes over the drain window so clients reconnect gradually.
-                    let window = ctx.drain_window.as_millis() as u64;
-                    let turn = if window == 0 { 0 } else { spread(seq) % window };
-                    mode = TimerMode::DrainTurn;
-                    timer.set(compio::time::sleep(Duration::from_millis(turn)).fuse());
-                }
-            }
             // Unreachable by construction (a read or a write is always in flight here), but
             // never spin or panic if that changes.
             complete => break,
         }
     }
     code.unwrap_or(CloseCode::ABNORMAL.0)
+}
+
+/// Whole sweeper ticks in `d` (at least 1).
+fn ticks(d: Duration, tick: Duration) -> u32 {
+    (d.as_nanos().div_ceil(tick.as_nanos().max(1))).clamp(1, u32::MAX as u128) as u32
 }
 
 fn start_close(conn: &mut Conn, code: CloseCode, reason: &str) {
