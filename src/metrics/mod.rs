@@ -264,7 +264,6 @@ pub fn render_prometheus(info: &Info, snaps: &[Snapshot]) -> String {
             let _ = writeln!(out, "{name}{labels} {v}");
         }
     };
-    let one = |v: u64| vec![(String::new(), v)];
     metric(
         "wsedge_info",
         "gauge",
@@ -278,66 +277,72 @@ pub fn render_prometheus(info: &Info, snaps: &[Snapshot]) -> String {
             1,
         )],
     );
-    metric(
-        "wsedge_shards",
-        "gauge",
-        "Number of shards.",
-        &one(info.shards as u64),
-    );
-    metric(
-        "wsedge_draining",
-        "gauge",
-        "1 while the server drains for shutdown.",
-        &one(info.draining as u64),
-    );
-    metric(
-        "wsedge_connections_open",
-        "gauge",
-        "Open WebSocket connections.",
-        &one(t.connections_open),
-    );
-    metric(
-        "wsedge_connections_total",
-        "counter",
-        "WebSocket connections established.",
-        &one(t.connections_total),
-    );
-    metric(
-        "wsedge_messages_in_total",
-        "counter",
-        "Complete messages received from clients.",
-        &one(t.messages_in),
-    );
-    metric(
-        "wsedge_bytes_in_total",
-        "counter",
-        "Payload bytes of messages received from clients.",
-        &one(t.bytes_in),
-    );
-    metric(
-        "wsedge_messages_out_total",
-        "counter",
-        "Messages queued for clients.",
-        &one(t.messages_out),
-    );
-    metric(
-        "wsedge_bytes_out_total",
-        "counter",
-        "Payload bytes of messages queued for clients.",
-        &one(t.bytes_out),
-    );
-    metric(
-        "wsedge_pings_sent_total",
-        "counter",
-        "Keepalive pings sent to idle clients.",
-        &one(t.pings_sent),
-    );
-    metric(
-        "wsedge_idle_closes_total",
-        "counter",
-        "Connections closed because a keepalive ping went unanswered.",
-        &one(t.idle_closes),
-    );
+    // Single-value series: (name, type, help, value).
+    let plain: [(&str, &str, &str, u64); 10] = [
+        (
+            "wsedge_shards",
+            "gauge",
+            "Number of shards.",
+            info.shards as u64,
+        ),
+        (
+            "wsedge_draining",
+            "gauge",
+            "1 while the server drains for shutdown.",
+            info.draining as u64,
+        ),
+        (
+            "wsedge_connections_open",
+            "gauge",
+            "Open WebSocket connections.",
+            t.connections_open,
+        ),
+        (
+            "wsedge_connections_total",
+            "counter",
+            "WebSocket connections established.",
+            t.connections_total,
+        ),
+        (
+            "wsedge_messages_in_total",
+            "counter",
+            "Complete messages received from clients.",
+            t.messages_in,
+        ),
+        (
+            "wsedge_bytes_in_total",
+            "counter",
+            "Payload bytes of messages received from clients.",
+            t.bytes_in,
+        ),
+        (
+            "wsedge_messages_out_total",
+            "counter",
+            "Messages queued for clients.",
+            t.messages_out,
+        ),
+        (
+            "wsedge_bytes_out_total",
+            "counter",
+            "Payload bytes of messages queued for clients.",
+            t.bytes_out,
+        ),
+        (
+            "wsedge_pings_sent_total",
+            "counter",
+            "Keepalive pings sent to idle clients.",
+            t.pings_sent,
+        ),
+        (
+            "wsedge_idle_closes_total",
+            "counter",
+            "Connections closed because a keepalive ping went unanswered.",
+            t.idle_closes,
+        ),
+    ];
+    for (name, kind, help, v) in plain {
+        metric(name, kind, help, &[(String::new(), v)]);
+    }
     let hs: Vec<_> = t
         .handshake_failures
         .iter()
