@@ -45,6 +45,22 @@ fn echo_text_binary_and_fragments(io: IoMode) {
     assert_eq!(t.connections_total, 1);
 }
 
+fn subprotocol_is_negotiated_by_server_preference(io: IoMode) {
+    let srv = start(io, 1, "");
+    let (_, chosen) =
+        Client::try_connect_with(srv.addr, "/echo", &["v1.wsedge", "v2.wsedge"]).unwrap();
+    assert_eq!(chosen.as_deref(), Some("v2.wsedge"), "server order wins");
+    let (_, chosen) = Client::try_connect_with(srv.addr, "/echo", &["mqtt", "v1.wsedge"]).unwrap();
+    assert_eq!(chosen.as_deref(), Some("v1.wsedge"));
+    let (mut c, chosen) = Client::try_connect_with(srv.addr, "/echo", &["mqtt"]).unwrap();
+    assert_eq!(
+        chosen, None,
+        "no common protocol: none selected, connection proceeds"
+    );
+    c.send_text("ok");
+    assert_eq!(c.recv().1, b"ok");
+}
+
 fn pipelined_messages_come_back_in_order(io: IoMode) {
     let srv = start(io, 1, "");
     let mut c = Client::connect(srv.addr, "/echo");
@@ -262,6 +278,7 @@ fn many_connections_over_several_shards(io: IoMode) {
 both_backends!(
     echo_text_binary_and_fragments,
     pipelined_messages_come_back_in_order,
+    subprotocol_is_negotiated_by_server_preference,
     unmasked_client_frame_is_closed_with_1002,
     invalid_utf8_is_closed_with_1007,
     oversized_frame_is_closed_with_1009,

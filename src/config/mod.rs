@@ -130,6 +130,20 @@ pub struct Route {
     pub path: String,
     /// What the route does.
     pub kind: RouteKind,
+    /// Subprotocols this route speaks, in the server's order of preference. The first one the
+    /// client also offered is selected; if the client offered some and none match, the
+    /// connection proceeds without a subprotocol (RFC 6455 4.2.2 lets the client decide).
+    pub subprotocols: Vec<String>,
+}
+
+impl Route {
+    /// The subprotocol to answer for a client that offered `offered`.
+    pub fn select_subprotocol<'a>(&'a self, offered: &[String]) -> Option<&'a str> {
+        self.subprotocols
+            .iter()
+            .find(|p| offered.iter().any(|o| o == *p))
+            .map(String::as_str)
+    }
 }
 
 /// What a route does with a connection.
@@ -291,9 +305,22 @@ fn validate_listener(i: usize, l: &raw::RawListener) -> Result<ListenerConfig, C
                 ));
             }
         };
+        for (k, proto) in r.subprotocols.iter().enumerate() {
+            let valid = !proto.is_empty()
+                && proto
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+            if !valid {
+                return Err(ConfigError::new(
+                    rp(&format!("subprotocols[{k}]")),
+                    format!("`{proto}` is not a valid subprotocol token (RFC 7230 token)"),
+                ));
+            }
+        }
         routes.push(Route {
             path: r.path.clone(),
             kind,
+            subprotocols: r.subprotocols.clone(),
         });
     }
     if routes.is_empty() {
@@ -485,6 +512,7 @@ mod tests {
             route: vec![raw::RawRoute {
                 path: "/echo".into(),
                 kind: "echo".into(),
+                subprotocols: vec![],
             }],
             ..Default::default()
         });

@@ -106,6 +106,9 @@ pub struct RawRoute {
     pub path: String,
     /// What the route does: `echo`.
     pub kind: String,
+    /// Subprotocols the route speaks, in preference order.
+    #[serde(default)]
+    pub subprotocols: Vec<String>,
 }
 
 /// `[admin]`.

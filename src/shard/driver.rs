@@ -164,7 +164,12 @@ async fn handshake(
         respond_and_close(stream, out).await;
         return None;
     }
-    write_response_101(&req.key, None, &[], &mut out);
+    write_response_101(
+        &req.key,
+        route.select_subprotocol(&req.protocols),
+        &[],
+        &mut out,
+    );
     let mut w = stream;
     if w.write_all(out).await.0.is_err() {
         shared.open.fetch_sub(1, Ordering::Relaxed);

@@ -54,6 +54,7 @@ pub fn start_with(
         "[runtime]\nshards = {shards}\npin_threads = false\n{runtime_extra}\n\
          [[listener]]\nbind = \"127.0.0.1:0\"\n{listener_extra}\n\
          [[listener.route]]\npath = \"/echo\"\nkind = \"echo\"\n\
+         subprotocols = [\"v2.wsedge\", \"v1.wsedge\"]\n\
          [admin]\nbind = \"127.0.0.1:0\"\n"
     );
     let mut cfg = Config::parse(&text).expect("test config");
@@ -170,12 +171,21 @@ impl Client {
 
     /// Connect and upgrade.
     pub fn try_connect(addr: SocketAddr, path: &str) -> Result<Self, Refused> {
+        Self::try_connect_with(addr, path, &[]).map(|(c, _)| c)
+    }
+
+    /// Connect offering subprotocols; returns the client and the protocol the server chose.
+    pub fn try_connect_with(
+        addr: SocketAddr,
+        path: &str,
+        protocols: &[&str],
+    ) -> Result<(Self, Option<String>), Refused> {
         let mut stream = TcpStream::connect(addr).map_err(|e| Refused::Io(e.to_string()))?;
         stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
         stream.set_nodelay(true).unwrap();
         let key = generate_key(rand_bytes());
         let mut req = Vec::new();
-        write_client_request("127.0.0.1", path, &key, &[], &[], &mut req);
+        write_client_request("127.0.0.1", path, &key, protocols, &[], &mut req);
         stream
             .write_all(&req)
             .map_err(|e| Refused::Io(e.to_string()))?;
@@ -193,17 +203,18 @@ impl Client {
                 };
             }
             buf.extend_from_slice(&chunk[..n]);
-            match parse_response(&buf, &key, &[], &HandshakeLimits::default()) {
+            match parse_response(&buf, &key, protocols, &HandshakeLimits::default()) {
                 Ok(None) => {}
-                Ok(Some((_, consumed))) => {
+                Ok(Some((resp, consumed))) => {
                     let _ = buf.split_to(consumed);
                     let mut conn = Conn::new(Role::Client, Limits::default());
                     conn.set_mask_seed(u64::from_le_bytes(rand_bytes()[..8].try_into().unwrap()));
-                    return Ok(Self {
+                    let client = Self {
                         stream,
                         conn,
                         rbuf: buf,
-                    });
+                    };
+                    return Ok((client, resp.protocol));
                 }
                 Err(_) => {
                     // Read the rest of the error response.
