@@ -149,7 +149,7 @@ fn complete(stats: &RefCell<WorkerStats>, live: &Live, t: &Timing, now: Instant,
         let second = (now - t.measure_start).as_secs() as usize;
         stats
             .borrow_mut()
-            .record(second, now.saturating_duration_since(sent));
+            .record(second, now.saturating_duration_since(sent), live);
     }
 }
 

@@ -236,10 +236,16 @@ fn run_echo(a: EchoArgs) -> anyhow::Result<()> {
             cpu_at_measure = Some((process_cpu(), Instant::now()));
         }
         let m = live.messages.load(Ordering::Relaxed);
+        let p99 = live.p99_us.swap(0, Ordering::Relaxed);
         let line = format!(
-            "t={:>4.0}s  {:>10} msg/s  conns {:>6}  errors {:>5}{}",
+            "t={:>4.0}s  {:>10} msg/s  p99 {:>8}  conns {:>6}  errors {:>5}{}",
             start.elapsed().as_secs_f64(),
             m - last,
+            if p99 == 0 {
+                "-".to_string()
+            } else {
+                format!("{p99} µs")
+            },
             live.connections.load(Ordering::Relaxed),
             live.errors.load(Ordering::Relaxed),
             if Instant::now() < measure_start {

@@ -23,6 +23,8 @@ pub struct Live {
     pub errors: AtomicU64,
     /// Connections currently open.
     pub connections: AtomicU64,
+    /// p99 (µs) of the last completed second, max over workers; the progress line takes it.
+    pub p99_us: AtomicU64,
 }
 
 impl Live {
@@ -46,6 +48,8 @@ pub struct WorkerStats {
     pub connected: u64,
     /// Open loop: sends that left more than 1 ms after their scheduled time.
     pub late_sends: u64,
+    /// Timeline slots whose p99 has been published to the progress line.
+    published: usize,
 }
 
 impl WorkerStats {
@@ -58,6 +62,7 @@ impl WorkerStats {
             messages: 0,
             connected: 0,
             late_sends: 0,
+            published: 0,
         }
     }
 
@@ -66,8 +71,14 @@ impl WorkerStats {
         *self.errors.entry(label.into()).or_default() += 1;
     }
 
-    /// Record one completed message at `second` of the measured window.
-    pub fn record(&mut self, second: usize, latency: Duration) {
+    /// Record one completed message at `second` of the measured window. When a new second
+    /// starts, the p99 of the finished ones is published to `live` for the progress line.
+    pub fn record(&mut self, second: usize, latency: Duration, live: &Live) {
+        while self.published < second.min(self.timeline.len()) {
+            let p99 = self.timeline[self.published].1.value_at_quantile(0.99) / 1000;
+            live.p99_us.fetch_max(p99, Ordering::Relaxed);
+            self.published += 1;
+        }
         let ns = (latency.as_nanos() as u64).clamp(1, 100_000_000_000);
         // Invariant: ns is clamped into the histogram's bounds.
         self.hist.record(ns).expect("in bounds");
