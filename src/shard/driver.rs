@@ -44,7 +44,8 @@ use crate::proto::{CloseCode, Conn, Event, HandshakeError, ProtoError, Role, Sta
 const MIN_READ: usize = 256;
 /// Largest read submitted for streams of small frames.
 const MAX_READ: usize = 64 * 1024;
-/// Buffers larger than this are released when they become empty.
+/// An output buffer is kept for reuse after a write unless it is larger than both this and
+/// four times what that write carried (a burst's buffer is not kept by a quiet connection).
 const KEEP_BUFFER: usize = 16 * 1024;
 /// How long an error response or a final close frame may take to be read by the peer.
 const LINGER: Duration = Duration::from_secs(1);
@@ -377,15 +378,22 @@ async fn websocket(
                     debug!(shard = ctx.id, error = %e, "write failed");
                     io_failed = true;
                 }
+                let written = o.len();
                 o.clear();
-                if o.capacity() > KEEP_BUFFER {
+                if o.capacity() > KEEP_BUFFER.max(4 * written) {
                     o = Vec::new();
                 }
                 out = Some(o);
             }
             flags = signal.wait() => {
-                if flags & signal::PING != 0 && conn.send_ping(b"wsedge").is_ok() {
-                    metrics.on_ping_sent();
+                if flags & signal::PING != 0 {
+                    if conn.send_ping(b"wsedge").is_ok() {
+                        metrics.on_ping_sent();
+                    }
+                    // Quiet for idle_timeout: give back the output buffer.
+                    if let Some(o) = out.as_mut().filter(|o| o.capacity() > 0) {
+                        *o = Vec::new();
+                    }
                 }
                 if flags & signal::IDLE_CLOSE != 0 && conn.state() == State::Open {
                     metrics.on_idle_close();
