@@ -14,17 +14,11 @@ pub(crate) async fn accept_loop(ctx: Rc<ShardCtx>, listener_idx: usize, listener
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                ctx.live.set(ctx.live.get() + 1);
+                let live = super::driver::LiveGuard::new(ctx.clone());
                 let seq = ctx.seq.get();
                 ctx.seq.set(seq.wrapping_add(1));
-                compio::runtime::spawn(super::driver::serve(
-                    ctx.clone(),
-                    listener_idx,
-                    stream,
-                    peer,
-                    seq,
-                ))
-                .detach();
+                let fut = super::driver::serve(live, listener_idx, stream, peer, seq);
+                compio::runtime::spawn(fut).detach();
             }
             Err(e) if is_fd_exhaustion(&e) => {
                 // Out of file descriptors: back off instead of spinning; connections that

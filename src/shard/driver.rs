@@ -4,9 +4,10 @@
 //! reserve a slot under `max_connections`, answer 101 (or 4xx/503 and close).
 //!
 //! Phase 2, WebSocket: a single select loop over at most one read, one write, the connection's
-//! shard signal (drain, keepalive; see [`super::signal`]) and, only while closing, one timer. Bytes read go to the sans-IO [`Conn`]; its events go to the route logic; its
-//! queued output is written in one `write_all` per batch, so everything produced by one read
-//! (many echoes, pongs) leaves in one submission. While a write is in flight and more than
+//! shard signal (drain, keepalive; see [`super::signal`]) and, only while closing, one timer.
+//! Bytes read go to the sans-IO [`Conn`]; its events go to the route logic; its queued output
+//! is written in one `write_all` per batch, so everything produced by one read (many echoes,
+//! pongs) leaves in one submission. While a write is in flight and more than
 //! `max_pending_write_bytes` are queued, no new read is started: a client that does not read
 //! its replies stops being read from (TCP backpressure) instead of growing our memory.
 //!
@@ -27,7 +28,7 @@ use bytes::BytesMut;
 use compio::BufResult;
 use compio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use compio::net::TcpStream;
-use futures_util::future::{Fuse, FusedFuture, FutureExt};
+use futures_util::future::{Fuse, FusedFuture, FutureExt, LocalBoxFuture};
 use futures_util::select_biased;
 use tracing::debug;
 
@@ -51,29 +52,60 @@ const KEEP_BUFFER: usize = 16 * 1024;
 const LINGER: Duration = Duration::from_secs(1);
 
 /// Drive one accepted connection to its end.
-pub(crate) async fn serve(
-    ctx: Rc<ShardCtx>,
+///
+/// Memory: this future is the connection task's allocation for the whole life of the
+/// connection, so it is sized for the WebSocket phase only. The handshake phase (~1.5 KB of
+/// state: request parsing, timeout, response write) runs in its own box, freed before the
+/// WebSocket loop starts. A plain `async move` block rather than an `async fn`, because an
+/// `async fn` keeps its arguments twice in its state (as captured upvars and as locals).
+#[allow(clippy::manual_async_fn)] // deliberate: see the memory note above
+pub(crate) fn serve(
+    live: LiveGuard,
     listener_idx: usize,
     stream: TcpStream,
     peer: SocketAddr,
     seq: u64,
-) {
-    let _live = LiveGuard(ctx.clone());
-    let shared = ctx.listeners[listener_idx].clone();
-    // Latency over throughput for small frames; batching is done by the write path itself.
-    let _ = stream.set_nodelay(true);
-    let Some((route, rest)) = handshake(&ctx, &shared, &stream).await else {
-        return;
-    };
-    ctx.metrics.on_open();
-    let code = websocket(&ctx, &shared, &stream, rest, route, seq).await;
-    shared.open.fetch_sub(1, Ordering::Relaxed);
-    ctx.metrics.on_close(code);
-    debug!(shard = ctx.id, %peer, code, "connection closed");
+) -> impl Future<Output = ()> + 'static {
+    async move {
+        // (`ctx` and `shared` are re-derived after each await so that no copy of them is kept
+        // in the task state.)
+        let ctx = &*live.0;
+        // Latency over throughput for small frames; batching is done by the write path itself.
+        let _ = stream.set_nodelay(true);
+        let hs = handshake(ctx, &ctx.listeners[listener_idx], &stream);
+        let Some((route, rest)) = Box::pin(hs).await else {
+            return;
+        };
+        let ctx = &*live.0;
+        ctx.metrics.on_open();
+        let ws = websocket(
+            ctx,
+            &ctx.listeners[listener_idx],
+            &stream,
+            Some(rest),
+            route,
+            seq,
+        );
+        let code = ws.await;
+        let ctx = &*live.0;
+        ctx.listeners[listener_idx]
+            .open
+            .fetch_sub(1, Ordering::Relaxed);
+        ctx.metrics.on_close(code);
+        debug!(shard = ctx.id, %peer, code, "connection closed");
+    }
 }
 
-/// Decrements the shard's live-task count when the connection task ends (or is dropped).
-struct LiveGuard(Rc<ShardCtx>);
+/// Counts a connection task in the shard's live-task count (for the drain) from its creation
+/// until it ends (or is dropped).
+pub(crate) struct LiveGuard(Rc<ShardCtx>);
+
+impl LiveGuard {
+    pub(crate) fn new(ctx: Rc<ShardCtx>) -> Self {
+        ctx.live.set(ctx.live.get() + 1);
+        Self(ctx)
+    }
+}
 
 impl Drop for LiveGuard {
     fn drop(&mut self) {
@@ -205,8 +237,15 @@ fn read_op(
     stream: &TcpStream,
     buf: BytesMut,
 ) -> impl Future<Output = BufResult<usize, BytesMut>> + '_ {
+    use compio::buf::{IntoInner, IoBufMut};
+    // `read` into the spare capacity: what `AsyncReadExt::append` does, one future layer
+    // (and one copy of the buffer in the task state) less.
     let mut s = stream;
-    async move { s.append(buf).await }
+    async move {
+        s.read(IoBufMut::uninit(buf))
+            .await
+            .map_buffer(IntoInner::into_inner)
+    }
 }
 
 fn write_op(stream: &TcpStream, buf: Vec<u8>) -> impl Future<Output = BufResult<(), Vec<u8>>> + '_ {
@@ -228,206 +267,215 @@ enum TimerMode {
 }
 
 /// Phase 2. Returns the close code that ended the connection (for metrics).
-async fn websocket(
-    ctx: &ShardCtx,
-    shared: &ListenerShared,
-    stream: &TcpStream,
-    initial: BytesMut,
+///
+/// Memory: this future lives as long as the connection, idle or not. Only the read is kept
+/// inline (one is in flight almost always); the write and the closing timer, which an idle
+/// connection does not have, are boxed while they exist. (`async move` block: see [`serve`].)
+#[allow(clippy::manual_async_fn)] // deliberate: see the memory note above
+fn websocket<'a>(
+    ctx: &'a ShardCtx,
+    shared: &'a ListenerShared,
+    stream: &'a TcpStream,
+    // The bytes that came after the upgrade request (`Some`); the read buffer from then on.
+    // A parameter used in place, not moved into a local, so it is stored only once.
+    mut rbuf: Option<BytesMut>,
     route: RouteKind,
     seq: u64,
-) -> u16 {
-    let cfg = &shared.cfg;
-    let metrics = &ctx.metrics;
-    let mut conn = Conn::new(Role::Server, cfg.limits.clone());
-    let max_pending = cfg.max_pending_write_bytes.get();
+) -> impl Future<Output = u16> + 'a {
+    async move {
+        let cfg = &shared.cfg;
+        let metrics = &ctx.metrics;
+        let mut conn = Conn::new(Role::Server, cfg.limits.clone());
+        let max_pending = cfg.max_pending_write_bytes.get();
 
-    // The handshake buffer (1 KiB) is only kept if the client pipelined frames behind its
-    // request; otherwise start small.
-    let initial = if initial.is_empty() {
-        BytesMut::new()
-    } else {
-        initial
-    };
-    let mut rbuf: Option<BytesMut> = Some(initial);
-    let mut out: Option<Vec<u8>> = Some(Vec::new());
-    let mut read_size = MIN_READ;
-    let mut peer_eof = false;
-    let mut io_failed = false;
-    let mut fin_sent = false;
-    // Close code seen for this connection: peer's, ours, or 1006 if none.
-    let mut code: Option<u16> = None;
-    // Keepalive and drain come from the shard (one sweeper for all connections).
-    let registration = match cfg.idle_timeout {
-        Some(idle) => {
-            let ping_after = ticks(idle, ctx.tick);
-            ctx.conns
-                .register(ping_after, ping_after + ticks(cfg.pong_timeout, ctx.tick))
+        // The handshake buffer (1 KiB) is only kept if the client pipelined frames behind its
+        // request; otherwise start small. (Assigned over, which frees it: a shadowing `let` would
+        // keep the 1 KiB allocation alive in the task state until the connection ends.)
+        if rbuf.as_ref().is_some_and(|b| b.is_empty()) {
+            rbuf = Some(BytesMut::new());
         }
-        None => ctx.conns.register(0, 0),
-    };
-    let signal = &*registration.signal;
-
-    let read_fut = pin!(Fuse::terminated());
-    let write_fut = pin!(Fuse::terminated());
-    let timer = pin!(Fuse::terminated());
-    let (mut read_fut, mut write_fut, mut timer) = (read_fut, write_fut, timer);
-    let mut mode = TimerMode::Off;
-    // Process bytes that arrived together with the upgrade request.
-    let mut pending_input = rbuf.as_ref().is_some_and(|b| !b.is_empty());
-
-    loop {
-        // 1. Feed input to the protocol core and run the route logic on its events.
-        if pending_input {
-            pending_input = false;
-            // Invariant: pending_input is only set while we own the read buffer.
-            let buf = rbuf.as_mut().expect("read buffer present");
-            if let Err(e) = conn.handle_input(buf) {
-                code.get_or_insert(close_code_for(&e));
-                debug!(shard = ctx.id, error = %e, "protocol error");
+        let mut out: Option<Vec<u8>> = Some(Vec::new());
+        let mut read_size = MIN_READ;
+        let mut peer_eof = false;
+        let mut io_failed = false;
+        let mut fin_sent = false;
+        // Close code seen for this connection: peer's, ours, or 1006 if none.
+        let mut code: Option<u16> = None;
+        // Keepalive and drain come from the shard (one sweeper for all connections).
+        let registration = match cfg.idle_timeout {
+            Some(idle) => {
+                let ping_after = ticks(idle, ctx.tick);
+                ctx.conns
+                    .register(ping_after, ping_after + ticks(cfg.pong_timeout, ctx.tick))
             }
-            while let Some(ev) = conn.poll_event() {
-                match ev {
-                    Event::Message { kind, data } => {
-                        metrics.on_message_in(data.len());
-                        match route {
-                            RouteKind::Echo => {
-                                if conn.send(kind, &data).is_ok() {
-                                    metrics.on_message_out(data.len());
+            None => ctx.conns.register(0, 0),
+        };
+        let signal = &*registration.signal;
+
+        let mut read_fut = pin!(Fuse::terminated());
+        let mut write_fut: Fuse<LocalBoxFuture<'_, BufResult<(), Vec<u8>>>> = Fuse::terminated();
+        let mut timer: Fuse<LocalBoxFuture<'_, ()>> = Fuse::terminated();
+        let mut mode = TimerMode::Off;
+        // Process bytes that arrived together with the upgrade request.
+        let mut pending_input = rbuf.as_ref().is_some_and(|b| !b.is_empty());
+
+        loop {
+            // 1. Feed input to the protocol core and run the route logic on its events.
+            if pending_input {
+                pending_input = false;
+                // Invariant: pending_input is only set while we own the read buffer.
+                let buf = rbuf.as_mut().expect("read buffer present");
+                if let Err(e) = conn.handle_input(buf) {
+                    code.get_or_insert(close_code_for(&e));
+                    debug!(shard = ctx.id, error = %e, "protocol error");
+                }
+                while let Some(ev) = conn.poll_event() {
+                    match ev {
+                        Event::Message { kind, data } => {
+                            metrics.on_message_in(data.len());
+                            match route {
+                                RouteKind::Echo => {
+                                    if conn.send(kind, &data).is_ok() {
+                                        metrics.on_message_out(data.len());
+                                    }
                                 }
                             }
                         }
+                        Event::Close { code: c, .. } => {
+                            code.get_or_insert(c.map_or(CloseCode::NO_STATUS.0, |c| c.0));
+                        }
+                        Event::Ping(_) | Event::Pong(_) => {}
                     }
-                    Event::Close { code: c, .. } => {
-                        code.get_or_insert(c.map_or(CloseCode::NO_STATUS.0, |c| c.0));
-                    }
-                    Event::Ping(_) | Event::Pong(_) => {}
+                }
+                // Release buffers much larger than the current read size once drained, so a
+                // connection that goes quiet after a burst does not keep the burst's buffer.
+                if buf.is_empty() && buf.capacity() > 2 * read_size {
+                    *buf = BytesMut::new();
                 }
             }
-            // Release buffers much larger than the current read size once drained, so a
-            // connection that goes quiet after a burst does not keep the burst's buffer.
-            if buf.is_empty() && buf.capacity() > 2 * read_size {
-                *buf = BytesMut::new();
+
+            // 2. Start a write if output is queued and none is in flight.
+            if write_fut.is_terminated() && conn.pending_transmit() > 0 && !io_failed {
+                // Invariant: `out` is only absent while a write is in flight.
+                let mut o = out.take().expect("out buffer present");
+                conn.poll_transmit(&mut o);
+                write_fut = write_op(stream, o).boxed_local().fuse();
             }
-        }
 
-        // 2. Start a write if output is queued and none is in flight.
-        if write_fut.is_terminated() && conn.pending_transmit() > 0 && !io_failed {
-            // Invariant: `out` is only absent while a write is in flight.
-            let mut o = out.take().expect("out buffer present");
-            conn.poll_transmit(&mut o);
-            write_fut.set(write_op(stream, o).fuse());
-        }
-
-        // 3. Close states: once the final frames are written, send FIN and linger.
-        let finished = matches!(conn.state(), State::Closed | State::Failed);
-        if finished && !fin_sent && write_fut.is_terminated() && !io_failed {
-            fin_sent = true;
-            let mut w = stream;
-            let _ = w.shutdown().await;
-            mode = TimerMode::Linger;
-            timer.set(compio::time::sleep(LINGER).fuse());
-        }
-        if io_failed || (peer_eof && write_fut.is_terminated() && conn.pending_transmit() == 0) {
-            break;
-        }
-
-        // 4. Start a read unless backpressure says otherwise.
-        let backpressured = !write_fut.is_terminated() && conn.pending_transmit() >= max_pending;
-        if read_fut.is_terminated() && !backpressured && !peer_eof {
-            // Invariant: the buffer is ours whenever no read is in flight.
-            let mut buf = rbuf.take().expect("read buffer present");
-            let want = conn.bytes_needed().max(read_size);
-            if buf.capacity() - buf.len() < want {
-                buf.reserve(want);
+            // 3. Close states: once the final frames are written, send FIN and linger.
+            let finished = matches!(conn.state(), State::Closed | State::Failed);
+            if finished && !fin_sent && write_fut.is_terminated() && !io_failed {
+                fin_sent = true;
+                let mut w = stream;
+                // Boxed: a once-per-connection future kept out of the long-lived task state.
+                let _ = Box::pin(w.shutdown()).await;
+                mode = TimerMode::Linger;
+                timer = compio::time::sleep(LINGER).boxed_local().fuse();
             }
-            read_fut.set(read_op(stream, buf).fuse());
-        }
+            if io_failed || (peer_eof && write_fut.is_terminated() && conn.pending_transmit() == 0)
+            {
+                break;
+            }
 
-        select_biased! {
-            BufResult(res, buf) = read_fut => {
-                match res {
-                    Ok(0) => {
-                        peer_eof = true;
-                    }
-                    Ok(n) => {
-                        signal.touch();
-                        // Adapt the read size: grow while reads fill the buffer.
-                        if n >= read_size && read_size < MAX_READ {
-                            read_size *= 2;
-                        } else if n < read_size / 4 && read_size > MIN_READ {
-                            read_size /= 2;
+            // 4. Start a read unless backpressure says otherwise.
+            let backpressured =
+                !write_fut.is_terminated() && conn.pending_transmit() >= max_pending;
+            if read_fut.is_terminated() && !backpressured && !peer_eof {
+                // Invariant: the buffer is ours whenever no read is in flight.
+                let mut buf = rbuf.take().expect("read buffer present");
+                let want = conn.bytes_needed().max(read_size);
+                if buf.capacity() - buf.len() < want {
+                    buf.reserve(want);
+                }
+                read_fut.set(read_op(stream, buf).fuse());
+            }
+
+            select_biased! {
+                BufResult(res, buf) = read_fut => {
+                    match res {
+                        Ok(0) => {
+                            peer_eof = true;
                         }
-                        if fin_sent {
-                            // Lingering: discard whatever the peer still sends.
-                            let mut b = buf;
-                            b.clear();
-                            rbuf = Some(b);
-                            continue;
+                        Ok(n) => {
+                            signal.touch();
+                            // Adapt the read size: grow while reads fill the buffer.
+                            if n >= read_size && read_size < MAX_READ {
+                                read_size *= 2;
+                            } else if n < read_size / 4 && read_size > MIN_READ {
+                                read_size /= 2;
+                            }
+                            if fin_sent {
+                                // Lingering: discard whatever the peer still sends.
+                                let mut b = buf;
+                                b.clear();
+                                rbuf = Some(b);
+                                continue;
+                            }
+                            pending_input = true;
                         }
-                        pending_input = true;
+                        Err(e) => {
+                            debug!(shard = ctx.id, error = %e, "read failed");
+                            io_failed = true;
+                        }
                     }
-                    Err(e) => {
-                        debug!(shard = ctx.id, error = %e, "read failed");
+                    rbuf = Some(buf);
+                }
+                BufResult(res, mut o) = write_fut => {
+                    if let Err(e) = res {
+                        debug!(shard = ctx.id, error = %e, "write failed");
                         io_failed = true;
                     }
-                }
-                rbuf = Some(buf);
-            }
-            BufResult(res, mut o) = write_fut => {
-                if let Err(e) = res {
-                    debug!(shard = ctx.id, error = %e, "write failed");
-                    io_failed = true;
-                }
-                let written = o.len();
-                o.clear();
-                if o.capacity() > KEEP_BUFFER.max(4 * written) {
-                    o = Vec::new();
-                }
-                out = Some(o);
-            }
-            flags = signal.wait() => {
-                if flags & signal::PING != 0 {
-                    if conn.send_ping(b"wsedge").is_ok() {
-                        metrics.on_ping_sent();
+                    let written = o.len();
+                    o.clear();
+                    if o.capacity() > KEEP_BUFFER.max(4 * written) {
+                        o = Vec::new();
                     }
-                    // Quiet for idle_timeout: give back the output buffer.
-                    if let Some(o) = out.as_mut().filter(|o| o.capacity() > 0) {
-                        *o = Vec::new();
+                    out = Some(o);
+                }
+                flags = signal.wait() => {
+                    if flags & signal::PING != 0 {
+                        if conn.send_ping(b"wsedge").is_ok() {
+                            metrics.on_ping_sent();
+                        }
+                        // Quiet for idle_timeout: give back the output buffer.
+                        if let Some(o) = out.as_mut().filter(|o| o.capacity() > 0) {
+                            *o = Vec::new();
+                        }
                     }
-                }
-                if flags & signal::IDLE_CLOSE != 0 && conn.state() == State::Open {
-                    metrics.on_idle_close();
-                    code.get_or_insert(CloseCode::GOING_AWAY.0);
-                    start_close(&mut conn, CloseCode::GOING_AWAY, "idle timeout");
-                    mode = TimerMode::CloseWait;
-                    timer.set(compio::time::sleep(cfg.close_timeout).fuse());
-                }
-                if flags & signal::DRAIN != 0 && conn.state() == State::Open {
-                    // Spread the closes over the drain window so clients reconnect gradually.
-                    let window = ctx.drain_window.as_millis() as u64;
-                    let turn = if window == 0 { 0 } else { spread(seq) % window };
-                    mode = TimerMode::DrainTurn;
-                    timer.set(compio::time::sleep(Duration::from_millis(turn)).fuse());
-                }
-            }
-            () = timer => {
-                match mode {
-                    TimerMode::Off => {}
-                    TimerMode::DrainTurn => {
+                    if flags & signal::IDLE_CLOSE != 0 && conn.state() == State::Open {
+                        metrics.on_idle_close();
                         code.get_or_insert(CloseCode::GOING_AWAY.0);
-                        start_close(&mut conn, CloseCode::GOING_AWAY, "server shutting down");
+                        start_close(&mut conn, CloseCode::GOING_AWAY, "idle timeout");
                         mode = TimerMode::CloseWait;
-                        timer.set(compio::time::sleep(cfg.close_timeout).fuse());
+                        timer = compio::time::sleep(cfg.close_timeout).boxed_local().fuse();
                     }
-                    TimerMode::CloseWait | TimerMode::Linger => break,
+                    if flags & signal::DRAIN != 0 && conn.state() == State::Open {
+                        // Spread the closes over the drain window so clients reconnect gradually.
+                        let window = ctx.drain_window.as_millis() as u64;
+                        let turn = if window == 0 { 0 } else { spread(seq) % window };
+                        mode = TimerMode::DrainTurn;
+                        timer = compio::time::sleep(Duration::from_millis(turn)).boxed_local().fuse();
+                    }
                 }
+                () = timer => {
+                    match mode {
+                        TimerMode::Off => {}
+                        TimerMode::DrainTurn => {
+                            code.get_or_insert(CloseCode::GOING_AWAY.0);
+                            start_close(&mut conn, CloseCode::GOING_AWAY, "server shutting down");
+                            mode = TimerMode::CloseWait;
+                            timer = compio::time::sleep(cfg.close_timeout).boxed_local().fuse();
+                        }
+                        TimerMode::CloseWait | TimerMode::Linger => break,
+                    }
+                }
+                // Unreachable by construction (a read or a write is always in flight here), but
+                // never spin or panic if that changes.
+                complete => break,
             }
-            // Unreachable by construction (a read or a write is always in flight here), but
-            // never spin or panic if that changes.
-            complete => break,
         }
+        code.unwrap_or(CloseCode::ABNORMAL.0)
     }
-    code.unwrap_or(CloseCode::ABNORMAL.0)
 }
 
 /// Whole sweeper ticks in `d` (at least 1).
