@@ -114,15 +114,12 @@ pub fn worker(
                 compio::runtime::spawn(async move {
                     // Invariant: the loop above waited until the timing was set.
                     let timing = timing.get().expect("timing set");
-                    let r = match params.rate {
-                        None => closed_loop(c, &params, timing, &stats, &live).await,
-                        Some(rate) => {
-                            let interval = Duration::from_secs_f64(params.conns as f64 / rate);
-                            // Stagger connections evenly over one interval.
-                            let offset = interval.mul_f64(i as f64 / params.conns as f64);
-                            open_loop(c, &params, timing, interval, offset, &stats, &live).await
-                        }
-                    };
+                    let schedule = params.rate.map(|rate| {
+                        let interval = Duration::from_secs_f64(params.conns as f64 / rate);
+                        // Stagger connections evenly over one interval.
+                        (interval, interval.mul_f64(i as f64 / params.conns as f64))
+                    });
+                    let r = drive(c, &params, timing, schedule, &stats, &live).await;
                     live.connections
                         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     if let Err(label) = r {
@@ -187,91 +184,60 @@ fn on_input(
     Ok(n)
 }
 
-async fn flush(c: &mut WsClient, out: &mut Vec<u8>) -> Result<(), String> {
-    if c.conn.pending_transmit() == 0 {
-        return Ok(());
-    }
-    c.conn.poll_transmit(out);
-    let mut s = &c.stream;
-    let BufResult(r, mut o) = s.write_all(std::mem::take(out)).await;
-    o.clear();
-    *out = o;
-    r.map_err(|e| format!("write: {}", client::io_kind(&e)))
-}
-
-async fn read_more(c: &mut WsClient) -> Result<(), String> {
-    if c.rbuf.capacity() - c.rbuf.len() < 4096 {
-        c.rbuf.reserve(64 * 1024);
-    }
-    let mut s = &c.stream;
-    let BufResult(r, b) = s.append(std::mem::take(&mut c.rbuf)).await;
-    c.rbuf = b;
-    match r {
-        Ok(0) => Err("connection closed by server".into()),
-        Ok(_) => Ok(()),
-        Err(e) => Err(format!("read: {}", client::io_kind(&e))),
-    }
-}
-
-async fn goodbye(c: &mut WsClient, out: &mut Vec<u8>) {
-    let _ = c.conn.close(CloseCode::NORMAL, "");
-    let _ = flush(c, out).await;
-}
-
-async fn closed_loop(
-    mut c: WsClient,
-    p: &EchoParams,
-    t: &Timing,
-    stats: &RefCell<WorkerStats>,
-    live: &Live,
-) -> Result<(), String> {
-    let payload = vec![0xA5u8; p.size];
-    let mut sent = VecDeque::with_capacity(p.inflight);
-    let mut out = Vec::new();
-    while Instant::now() < t.end {
-        let now = Instant::now();
-        while sent.len() < p.inflight {
-            c.conn
-                .send(MessageKind::Binary, &payload)
-                .map_err(|e| e.to_string())?;
-            sent.push_back(now);
-        }
-        flush(&mut c, &mut out).await?;
-        loop {
-            if on_input(&mut c, &mut sent, stats, live, t)? > 0 {
-                break;
-            }
-            read_more(&mut c).await?;
-        }
-    }
-    goodbye(&mut c, &mut out).await;
-    Ok(())
-}
-
 fn read_op(s: &TcpStream, buf: BytesMut) -> impl Future<Output = BufResult<usize, BytesMut>> + '_ {
     let mut s = s;
     async move { s.append(buf).await }
 }
 
-async fn open_loop(
+fn write_op(s: &TcpStream, buf: Vec<u8>) -> impl Future<Output = BufResult<(), Vec<u8>>> + '_ {
+    let mut s = s;
+    async move { s.write_all(buf).await }
+}
+
+/// Drive one connection until the end of the run. Reads, writes and the send schedule run
+/// concurrently, so a server that pushes back (stops reading while its replies are not
+/// read) can never deadlock the client: replies are always being read.
+///
+/// `schedule` = `None`: closed loop (keep `inflight` messages outstanding);
+/// `Some((interval, offset))`: open loop, one message every `interval` starting at
+/// `start + offset`, latency measured from the scheduled time.
+async fn drive(
     mut c: WsClient,
     p: &EchoParams,
     t: &Timing,
-    interval: Duration,
-    offset: Duration,
+    schedule: Option<(Duration, Duration)>,
     stats: &RefCell<WorkerStats>,
     live: &Live,
 ) -> Result<(), String> {
     let payload = vec![0xA5u8; p.size];
     let mut sent = VecDeque::new();
-    let mut out = Vec::new();
-    let mut next = t.start + offset;
+    let mut out = Some(Vec::new());
+    let mut next = schedule.map(|(_, offset)| t.start + offset);
     let stream = c.stream.clone();
     let read_fut = pin!(Fuse::terminated());
+    let write_fut = pin!(Fuse::terminated());
     let timer = pin!(Fuse::terminated());
-    let (mut read_fut, mut timer) = (read_fut, timer);
-    timer.set(compio::time::sleep_until(next).fuse());
-    while Instant::now() < t.end {
+    let (mut read_fut, mut write_fut, mut timer) = (read_fut, write_fut, timer);
+    timer.set(compio::time::sleep_until(next.unwrap_or(t.end).min(t.end)).fuse());
+    loop {
+        let now = Instant::now();
+        if now >= t.end {
+            break;
+        }
+        if schedule.is_none() {
+            while sent.len() < p.inflight {
+                c.conn
+                    .send(MessageKind::Binary, &payload)
+                    .map_err(|e| e.to_string())?;
+                sent.push_back(now);
+            }
+        }
+        if write_fut.is_terminated() && c.conn.pending_transmit() > 0 {
+            // Invariant: `out` is only absent while a write is in flight.
+            let mut o = out.take().expect("out buffer present");
+            c.conn.poll_transmit(&mut o);
+            write_fut.set(write_op(&stream, o).fuse());
+        }
         if read_fut.is_terminated() {
             let mut b = std::mem::take(&mut c.rbuf);
             if b.capacity() - b.len() < 4096 {
@@ -288,22 +254,34 @@ async fn open_loop(
                     Ok(_) => { on_input(&mut c, &mut sent, stats, live, t)?; }
                 }
             }
+            BufResult(r, mut o) = write_fut => {
+                r.map_err(|e| format!("write: {}", client::io_kind(&e)))?;
+                o.clear();
+                out = Some(o);
+            }
             () = timer => {
-                // Send everything that is due; latency counts from the scheduled time.
-                let now = Instant::now();
-                while next <= now {
-                    if now - next > Duration::from_millis(1) {
-                        stats.borrow_mut().late_sends += 1;
+                if let (Some((interval, _)), Some(n)) = (schedule, next.as_mut()) {
+                    // Queue everything that is due; latency counts from the scheduled time.
+                    let now = Instant::now();
+                    while *n <= now {
+                        if now - *n > Duration::from_millis(1) {
+                            stats.borrow_mut().late_sends += 1;
+                        }
+                        c.conn.send(MessageKind::Binary, &payload).map_err(|e| e.to_string())?;
+                        sent.push_back(*n);
+                        *n += interval;
                     }
-                    c.conn.send(MessageKind::Binary, &payload).map_err(|e| e.to_string())?;
-                    sent.push_back(next);
-                    next += interval;
                 }
-                flush(&mut c, &mut out).await?;
-                timer.set(compio::time::sleep_until(next).fuse());
+                timer.set(compio::time::sleep_until(next.unwrap_or(t.end).min(t.end)).fuse());
             }
         }
     }
-    goodbye(&mut c, &mut out).await;
+    // A write still in flight is dropped with the connection; the close is best effort.
+    if write_fut.is_terminated() {
+        let mut o = out.take().unwrap_or_default();
+        let _ = c.conn.close(CloseCode::NORMAL, "");
+        c.conn.poll_transmit(&mut o);
+        let _ = write_op(&stream, o).await;
+    }
     Ok(())
 }

@@ -8,11 +8,16 @@ use wsedge::metrics::merge;
 use wsedge::shard::Server;
 
 fn server() -> Server {
-    let cfg = Config::parse(
+    server_with("")
+}
+
+fn server_with(listener_extra: &str) -> Server {
+    let cfg = Config::parse(&format!(
         "[runtime]\nshards = 1\npin_threads = false\n\
-         [[listener]]\nbind = \"127.0.0.1:0\"\n[[listener.route]]\npath = \"/echo\"\nkind = \"echo\"\n\
-         [admin]\nenabled = false\n",
-    )
+         [[listener]]\nbind = \"127.0.0.1:0\"\n{listener_extra}\n\
+         [[listener.route]]\npath = \"/echo\"\nkind = \"echo\"\n\
+         [admin]\nenabled = false\n"
+    ))
     .unwrap();
     Server::start(&cfg).unwrap()
 }
@@ -107,4 +112,37 @@ fn clear_error_when_nothing_listens() {
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("connect: refused"), "{text}");
+}
+
+/// Large messages faster than the server drains them: the server stops reading (its write
+/// queue is capped), so a client that wrote without reading would deadlock. The run must end
+/// on time.
+#[test]
+fn open_loop_survives_server_backpressure() {
+    let srv = server_with("max_pending_write_bytes = 1024");
+    let url = format!("ws://{}/echo", srv.listen_addrs()[0].1);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wsedge-load"))
+        .args([
+            "echo", &url, "--conns", "2", "--size", "262144", "--rate", "4000",
+        ])
+        .args(["--duration", "1", "--warmup", "0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The run lasts 1 s; 60 s means it hung.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            // It may report that it could not keep the rate; it must not hang.
+            let _ = status;
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("wsedge-load hung against a server applying backpressure");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    srv.shutdown();
 }
