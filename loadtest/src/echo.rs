@@ -264,6 +264,11 @@ async fn drive(
                     // Queue everything that is due; latency counts from the scheduled time.
                     let now = Instant::now();
                     while *n <= now {
+                        if sent.len() >= crate::stats::MAX_OUTSTANDING {
+                            stats.borrow_mut().skipped_sends += 1;
+                            *n += interval;
+                            continue;
+                        }
                         if now - *n > Duration::from_millis(1) {
                             stats.borrow_mut().late_sends += 1;
                         }

@@ -168,6 +168,7 @@ struct Report {
     errors: std::collections::BTreeMap<String, u64>,
     client_cpu_pct: f64,
     late_sends: u64,
+    skipped_sends: u64,
     warnings: Vec<String>,
 }
 
@@ -279,6 +280,14 @@ fn run_echo(a: EchoArgs) -> anyhow::Result<()> {
              the bottleneck (add --threads, or pin it to its own core)"
         ));
     }
+    if total.skipped_sends > 0 {
+        warnings.push(format!(
+            "{} scheduled sends were skipped: connections had {} messages unanswered (the \
+             server fell far behind the requested rate)",
+            total.skipped_sends,
+            stats::MAX_OUTSTANDING
+        ));
+    }
     if total.late_sends > total.messages / 100 {
         warnings.push(format!(
             "{} sends left more than 1 ms behind schedule: the client could not keep the rate",
@@ -316,6 +325,7 @@ fn run_echo(a: EchoArgs) -> anyhow::Result<()> {
         errors: total.errors,
         client_cpu_pct,
         late_sends: total.late_sends,
+        skipped_sends: total.skipped_sends,
         warnings,
     };
     print_summary(&report);

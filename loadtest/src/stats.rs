@@ -8,6 +8,11 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+/// Open loop: most messages one connection may have unanswered. Beyond it scheduled sends
+/// are skipped and counted, so a server that stops answering cannot make the client's memory
+/// grow without bound.
+pub const MAX_OUTSTANDING: usize = 10_000;
+
 /// Latency histogram in nanoseconds, 1 ns to 100 s, 3 significant digits.
 pub fn new_hist() -> Histogram<u64> {
     // Invariant: constant, valid bounds.
@@ -48,6 +53,9 @@ pub struct WorkerStats {
     pub connected: u64,
     /// Open loop: sends that left more than 1 ms after their scheduled time.
     pub late_sends: u64,
+    /// Open loop: scheduled sends skipped because the connection already had
+    /// [`MAX_OUTSTANDING`] messages unanswered (the server is far behind the schedule).
+    pub skipped_sends: u64,
     /// Timeline slots whose p99 has been published to the progress line.
     published: usize,
 }
@@ -62,6 +70,7 @@ impl WorkerStats {
             messages: 0,
             connected: 0,
             late_sends: 0,
+            skipped_sends: 0,
             published: 0,
         }
     }
@@ -109,6 +118,7 @@ impl WorkerStats {
         self.messages += other.messages;
         self.connected += other.connected;
         self.late_sends += other.late_sends;
+        self.skipped_sends += other.skipped_sends;
     }
 }
 
