@@ -6,8 +6,8 @@
 //!
 //! This is the only module that names the runtime (compio) or touches sockets.
 //!
-//! Life of a connection: [`accept`] accepts it on the shard whose socket the kernel picked,
-//! [`driver`] reads the HTTP upgrade under a deadline, answers 101 (or an error status), then
+//! Life of a connection: `accept` accepts it on the shard whose socket the kernel picked,
+//! `driver` reads the HTTP upgrade under a deadline, answers 101 (or an error status), then
 //! runs the WebSocket loop: bytes in → [`crate::proto::Conn`] → route logic → bytes out, with
 //! keepalive, backpressure and the close handshake, until the connection ends.
 
