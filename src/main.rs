@@ -101,6 +101,7 @@ fn run(args: RunArgs) -> ExitCode {
     if let Some(io) = args.io {
         cfg.runtime.io = io;
     }
+    raise_fd_limit(&cfg);
     // Block the signals before any thread starts so that only this thread receives them.
     let mut signals = match Signals::new([SIGINT, SIGTERM]) {
         Ok(s) => s,
@@ -126,4 +127,34 @@ fn run(args: RunArgs) -> ExitCode {
     }
     server.shutdown();
     ExitCode::SUCCESS
+}
+
+/// Raise the soft RLIMIT_NOFILE to the hard limit (each connection is a descriptor; service
+/// managers often start processes with a soft limit of 1024) and warn when the configured
+/// connection caps cannot all be reached.
+fn raise_fd_limit(cfg: &Config) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    let wanted: u64 = cfg
+        .listeners
+        .iter()
+        .map(|l| l.max_connections.get() as u64)
+        .sum();
+    if wanted + 64 > limit {
+        tracing::warn!(
+            fd_limit = limit,
+            max_connections = wanted,
+            "RLIMIT_NOFILE is below the configured max_connections: accepts will fail with \
+             EMFILE before the cap (raise the hard limit, e.g. LimitNOFILE= in systemd)"
+        );
+    } else {
+        tracing::info!(fd_limit = limit, "file descriptor limit");
+    }
 }

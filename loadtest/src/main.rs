@@ -2,10 +2,11 @@
 //! same completion-based runtime (one worker thread per `--threads`, each with its own
 //! runtime).
 //!
-//! Scenarios: `echo` (closed or open loop). The `broadcast`, `ingest` and `connect`
-//! scenarios are tracked in issue 3.
+//! Scenarios: `echo` (closed or open loop) and `connect` (ramp, hold, handshake latency).
+//! The `broadcast` and `ingest` scenarios are tracked in issue 3.
 
 mod client;
+mod connect;
 mod echo;
 mod stats;
 
@@ -35,6 +36,33 @@ struct Cli {
 enum Scenario {
     /// Round trips against an echo endpoint (closed loop, or open loop with --rate).
     Echo(EchoArgs),
+    /// Open many connections at a fixed rate, hold them, measure handshake latency.
+    Connect(ConnectArgs),
+}
+
+#[derive(Args)]
+struct ConnectArgs {
+    /// Target URL.
+    #[arg(default_value = "ws://127.0.0.1:8080/echo")]
+    url: String,
+    /// Connections to open.
+    #[arg(short, long, default_value_t = 1000)]
+    conns: usize,
+    /// Connections opened per second (the ramp).
+    #[arg(short, long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Seconds every connection stays open after the ramp.
+    #[arg(long, default_value_t = 5.0)]
+    hold: f64,
+    /// Worker threads.
+    #[arg(short, long, default_value_t = 1)]
+    threads: usize,
+    /// Local source addresses, e.g. 127.0.0.1-127.0.0.16 or a comma list.
+    #[arg(long)]
+    source: Option<String>,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -75,6 +103,7 @@ struct EchoArgs {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
         Scenario::Echo(a) => run_echo(a),
+        Scenario::Connect(a) => run_connect(a),
     }
 }
 
@@ -369,4 +398,128 @@ fn print_summary(r: &Report) {
     for w in &r.warnings {
         println!("  WARNING: {w}");
     }
+}
+
+/// The `connect` `--json` report.
+#[derive(Serialize)]
+struct ConnectReport {
+    scenario: &'static str,
+    url: String,
+    conns_requested: usize,
+    conns_established: u64,
+    peak_open: u64,
+    rate_per_s: f64,
+    hold_s: f64,
+    handshake_latency: Latency,
+    errors: std::collections::BTreeMap<String, u64>,
+}
+
+fn run_connect(a: ConnectArgs) -> anyhow::Result<()> {
+    if a.conns == 0 || a.threads == 0 || a.rate <= 0.0 || a.hold < 0.0 {
+        bail!("--conns and --threads must be at least 1, --rate > 0, --hold ≥ 0");
+    }
+    let target = client::Target::parse(&a.url)?;
+    let sources = a
+        .source
+        .as_deref()
+        .map(parse_sources)
+        .transpose()?
+        .unwrap_or_default();
+    check_limits(a.conns, sources.len())?;
+    let params = Arc::new(connect::ConnectParams {
+        target,
+        conns: a.conns,
+        rate: a.rate,
+        hold: Duration::from_secs_f64(a.hold),
+        sources,
+    });
+    let live = Arc::new(Live::default());
+    let start = Instant::now() + Duration::from_millis(50);
+    let end = start + params.ramp() + params.hold;
+    let threads = a.threads.min(a.conns);
+    let mut handles = Vec::new();
+    let mut first = 0;
+    for w in 0..threads {
+        let n = a.conns / threads + usize::from(w < a.conns % threads);
+        let (p, l) = (params.clone(), live.clone());
+        // Worker w opens the block first..first + n, each connection at its global time.
+        let f = first;
+        handles.push(std::thread::spawn(move || {
+            connect::worker(p, f, n, l, start)
+        }));
+        first += n;
+    }
+    let tty = std::io::stderr().is_terminal();
+    let mut peak = 0;
+    while Instant::now() < end {
+        std::thread::sleep(
+            Duration::from_secs(1).min(end.saturating_duration_since(Instant::now())),
+        );
+        let open = live.connections.load(Ordering::Relaxed);
+        peak = peak.max(open);
+        let line = format!(
+            "t={:>4.0}s  open {:>7}  established {:>7}  errors {:>6}  handshake p99 {}",
+            start.elapsed().as_secs_f64(),
+            open,
+            live.messages.load(Ordering::Relaxed),
+            live.errors.load(Ordering::Relaxed),
+            match live.p99_us.swap(0, Ordering::Relaxed) {
+                0 => "-".to_string(),
+                v => format!("{v} µs"),
+            }
+        );
+        if tty {
+            eprint!("\r{line}   ");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    let mut total = WorkerStats::new();
+    for h in handles {
+        total.merge(h.join().map_err(|_| anyhow::anyhow!("a worker panicked"))?);
+    }
+    let report = ConnectReport {
+        scenario: "connect",
+        url: a.url.clone(),
+        conns_requested: a.conns,
+        conns_established: total.connected,
+        peak_open: peak,
+        rate_per_s: a.rate,
+        hold_s: a.hold,
+        handshake_latency: Latency::of(&total.hist),
+        errors: total.errors,
+    };
+    let l = &report.handshake_latency;
+    println!(
+        "connect {}  established {}/{}  peak open {}  ramp {:.0}/s  hold {:.1} s",
+        report.url,
+        report.conns_established,
+        report.conns_requested,
+        report.peak_open,
+        report.rate_per_s,
+        report.hold_s
+    );
+    println!(
+        "  handshake p50 {:.1} µs  p90 {:.1} µs  p99 {:.1} µs  p99.9 {:.1} µs  max {:.1} µs",
+        l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us
+    );
+    if report.errors.is_empty() {
+        println!("  errors    none");
+    } else {
+        for (k, v) in &report.errors {
+            println!("  error     {v:>8}  {k}");
+        }
+    }
+    if let Some(path) = &a.json {
+        let mut f = std::fs::File::create(path).with_context(|| format!("{}", path.display()))?;
+        serde_json::to_writer_pretty(&mut f, &report)?;
+        writeln!(f)?;
+    }
+    if report.conns_established == 0 {
+        bail!("no connection could be established");
+    }
+    Ok(())
 }
