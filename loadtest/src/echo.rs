@@ -129,13 +129,7 @@ pub fn worker(
                 })
             })
             .collect();
-        for t in tasks {
-            let _ = t.await;
-        }
-        Rc::try_unwrap(stats)
-            .ok()
-            .expect("all tasks finished")
-            .into_inner()
+        crate::stats::collect(tasks, stats).await
     })
 }
 

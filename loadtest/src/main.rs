@@ -158,6 +158,83 @@ fn check_limits(conns: usize, sources: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Parse the target and the source addresses and check that `conns` connections fit.
+fn prepare(
+    url: &str,
+    source: Option<&str>,
+    conns: usize,
+) -> anyhow::Result<(client::Target, Vec<IpAddr>)> {
+    let target = client::Target::parse(url)?;
+    let sources = source.map(parse_sources).transpose()?.unwrap_or_default();
+    check_limits(conns, sources.len())?;
+    Ok((target, sources))
+}
+
+/// Start `threads` workers, worker `w` getting the contiguous block `first..first + n` of the
+/// `conns` connections; `work(first, n)` runs on the worker thread.
+fn spawn_workers<F>(
+    conns: usize,
+    threads: usize,
+    work: F,
+) -> Vec<std::thread::JoinHandle<WorkerStats>>
+where
+    F: Fn(usize, usize) -> WorkerStats + Clone + Send + 'static,
+{
+    let mut first = 0;
+    (0..threads)
+        .map(|w| {
+            let n = conns / threads + usize::from(w < conns % threads);
+            let (work, f) = (work.clone(), first);
+            first += n;
+            std::thread::spawn(move || work(f, n))
+        })
+        .collect()
+}
+
+/// Merge what the workers measured.
+fn join_workers(handles: Vec<std::thread::JoinHandle<WorkerStats>>) -> anyhow::Result<WorkerStats> {
+    let mut total = WorkerStats::new();
+    for h in handles {
+        total.merge(h.join().map_err(|_| anyhow::anyhow!("a worker panicked"))?);
+    }
+    Ok(total)
+}
+
+/// One progress line: rewritten in place on a terminal, one line per update otherwise.
+fn progress(tty: bool, line: &str) {
+    if tty {
+        eprint!("\r{line}   ");
+    } else {
+        eprintln!("{line}");
+    }
+}
+
+/// The latency and error lines of a summary.
+fn print_latency_and_errors(
+    what: &str,
+    l: &Latency,
+    errors: &std::collections::BTreeMap<String, u64>,
+) {
+    println!(
+        "  {what} p50 {:.1} µs  p90 {:.1} µs  p99 {:.1} µs  p99.9 {:.1} µs  max {:.1} µs",
+        l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us
+    );
+    if errors.is_empty() {
+        println!("  errors    none");
+    }
+    for (k, v) in errors {
+        println!("  error     {v:>8}  {k}");
+    }
+}
+
+/// Write a report as pretty JSON.
+fn write_json(path: &std::path::Path, report: &impl Serialize) -> anyhow::Result<()> {
+    let mut f = std::fs::File::create(path).with_context(|| format!("{}", path.display()))?;
+    serde_json::to_writer_pretty(&mut f, report)?;
+    writeln!(f)?;
+    Ok(())
+}
+
 fn ephemeral_ports() -> u64 {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
@@ -208,14 +285,7 @@ fn run_echo(a: EchoArgs) -> anyhow::Result<()> {
     if a.duration <= 0.0 || a.warmup < 0.0 {
         bail!("--duration must be > 0 and --warmup ≥ 0");
     }
-    let target = client::Target::parse(&a.url)?;
-    let sources = a
-        .source
-        .as_deref()
-        .map(parse_sources)
-        .transpose()?
-        .unwrap_or_default();
-    check_limits(a.conns, sources.len())?;
+    let (target, sources) = prepare(&a.url, a.source.as_deref(), a.conns)?;
     let params = Arc::new(EchoParams {
         target,
         conns: a.conns,
@@ -230,15 +300,12 @@ fn run_echo(a: EchoArgs) -> anyhow::Result<()> {
     let timing = Arc::new(OnceLock::new());
     let (tx, rx) = std::sync::mpsc::channel();
     let threads = a.threads.min(a.conns);
-    let mut handles = Vec::new();
-    let mut first = 0;
-    for w in 0..threads {
-        let n = a.conns / threads + usize::from(w < a.conns % threads);
+    let handles = {
         let (p, l, t, tx) = (params.clone(), live.clone(), timing.clone(), tx.clone());
-        let f = first;
-        handles.push(std::thread::spawn(move || echo::worker(p, f, n, l, tx, t)));
-        first += n;
-    }
+        spawn_workers(a.conns, threads, move |f, n| {
+            echo::worker(p.clone(), f, n, l.clone(), tx.clone(), t.clone())
+        })
+    };
     drop(tx);
     for _ in 0..threads {
         rx.recv().context("a worker died while connecting")?;
@@ -285,20 +352,13 @@ fn run_echo(a: EchoArgs) -> anyhow::Result<()> {
             }
         );
         last = m;
-        if tty {
-            eprint!("\r{line}   ");
-        } else {
-            eprintln!("{line}");
-        }
+        progress(tty, &line);
     }
     let cpu_end = (process_cpu(), Instant::now());
     if tty {
         eprintln!();
     }
-    let mut total = WorkerStats::new();
-    for h in handles {
-        total.merge(h.join().map_err(|_| anyhow::anyhow!("a worker panicked"))?);
-    }
+    let total = join_workers(handles)?;
     let (cpu0, t0) = cpu_at_measure.unwrap_or((Duration::ZERO, start));
     let client_cpu_pct =
         100.0 * (cpu_end.0 - cpu0).as_secs_f64() / (cpu_end.1 - t0).as_secs_f64() / threads as f64;
@@ -359,9 +419,7 @@ fn run_echo(a: EchoArgs) -> anyhow::Result<()> {
     };
     print_summary(&report);
     if let Some(path) = &a.json {
-        let mut f = std::fs::File::create(path).with_context(|| format!("{}", path.display()))?;
-        serde_json::to_writer_pretty(&mut f, &report)?;
-        writeln!(f)?;
+        write_json(path, &report)?;
     }
     if report.messages == 0 {
         bail!("no message completed");
@@ -382,18 +440,7 @@ fn print_summary(r: &Report) {
         "  messages  {:>12}   rate {:>12.0} msg/s",
         r.messages, r.rate_msgs_per_s
     );
-    let l = &r.latency;
-    println!(
-        "  latency   p50 {:.1} µs  p90 {:.1} µs  p99 {:.1} µs  p99.9 {:.1} µs  max {:.1} µs",
-        l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us
-    );
-    if r.errors.is_empty() {
-        println!("  errors    none");
-    } else {
-        for (k, v) in &r.errors {
-            println!("  error     {v:>8}  {k}");
-        }
-    }
+    print_latency_and_errors("latency  ", &r.latency, &r.errors);
     println!("  client cpu {:.0}% per thread", r.client_cpu_pct);
     for w in &r.warnings {
         println!("  WARNING: {w}");
@@ -418,14 +465,7 @@ fn run_connect(a: ConnectArgs) -> anyhow::Result<()> {
     if a.conns == 0 || a.threads == 0 || a.rate <= 0.0 || a.hold < 0.0 {
         bail!("--conns and --threads must be at least 1, --rate > 0, --hold ≥ 0");
     }
-    let target = client::Target::parse(&a.url)?;
-    let sources = a
-        .source
-        .as_deref()
-        .map(parse_sources)
-        .transpose()?
-        .unwrap_or_default();
-    check_limits(a.conns, sources.len())?;
+    let (target, sources) = prepare(&a.url, a.source.as_deref(), a.conns)?;
     let params = Arc::new(connect::ConnectParams {
         target,
         conns: a.conns,
@@ -437,18 +477,13 @@ fn run_connect(a: ConnectArgs) -> anyhow::Result<()> {
     let start = Instant::now() + Duration::from_millis(50);
     let end = start + params.ramp() + params.hold;
     let threads = a.threads.min(a.conns);
-    let mut handles = Vec::new();
-    let mut first = 0;
-    for w in 0..threads {
-        let n = a.conns / threads + usize::from(w < a.conns % threads);
+    // Each connection opens at its global scheduled time, whichever worker holds it.
+    let handles = {
         let (p, l) = (params.clone(), live.clone());
-        // Worker w opens the block first..first + n, each connection at its global time.
-        let f = first;
-        handles.push(std::thread::spawn(move || {
-            connect::worker(p, f, n, l, start)
-        }));
-        first += n;
-    }
+        spawn_workers(a.conns, threads, move |f, n| {
+            connect::worker(p.clone(), f, n, l.clone(), start)
+        })
+    };
     let tty = std::io::stderr().is_terminal();
     let mut peak = 0;
     while Instant::now() < end {
@@ -468,19 +503,12 @@ fn run_connect(a: ConnectArgs) -> anyhow::Result<()> {
                 v => format!("{v} µs"),
             }
         );
-        if tty {
-            eprint!("\r{line}   ");
-        } else {
-            eprintln!("{line}");
-        }
+        progress(tty, &line);
     }
     if tty {
         eprintln!();
     }
-    let mut total = WorkerStats::new();
-    for h in handles {
-        total.merge(h.join().map_err(|_| anyhow::anyhow!("a worker panicked"))?);
-    }
+    let total = join_workers(handles)?;
     let report = ConnectReport {
         scenario: "connect",
         url: a.url.clone(),
@@ -502,21 +530,9 @@ fn run_connect(a: ConnectArgs) -> anyhow::Result<()> {
         report.rate_per_s,
         report.hold_s
     );
-    println!(
-        "  handshake p50 {:.1} µs  p90 {:.1} µs  p99 {:.1} µs  p99.9 {:.1} µs  max {:.1} µs",
-        l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us
-    );
-    if report.errors.is_empty() {
-        println!("  errors    none");
-    } else {
-        for (k, v) in &report.errors {
-            println!("  error     {v:>8}  {k}");
-        }
-    }
+    print_latency_and_errors("handshake", l, &report.errors);
     if let Some(path) = &a.json {
-        let mut f = std::fs::File::create(path).with_context(|| format!("{}", path.display()))?;
-        serde_json::to_writer_pretty(&mut f, &report)?;
-        writeln!(f)?;
+        write_json(path, &report)?;
     }
     if report.conns_established == 0 {
         bail!("no connection could be established");

@@ -1,7 +1,9 @@
 //! Measurement: per-worker HdrHistograms and counters, merged at the end; the live progress
 //! line; the summary table and the `--json` report.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -178,4 +180,20 @@ pub fn process_cpu() -> Duration {
         .unwrap_or(0);
     // USER_HZ is 100 on Linux.
     Duration::from_millis(ticks * 10)
+}
+
+/// Wait for a worker's connection tasks, then take the stats they shared.
+pub async fn collect(
+    tasks: Vec<compio::runtime::JoinHandle<()>>,
+    stats: Rc<RefCell<WorkerStats>>,
+) -> WorkerStats {
+    for t in tasks {
+        // A task that panicked has nothing more to record.
+        let _ = t.await;
+    }
+    // Invariant: every clone of `stats` lived in a task that has now finished.
+    Rc::try_unwrap(stats)
+        .ok()
+        .expect("all tasks finished")
+        .into_inner()
 }
