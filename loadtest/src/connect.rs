@@ -135,5 +135,20 @@ async fn hold(mut c: WsClient, end: Instant) -> Result<(), String> {
     c.conn.poll_transmit(&mut out);
     let mut w = &stream;
     let _ = w.write_all(out).await;
+    // Wait (briefly) for the server's close and FIN, so the connection ends with the close
+    // handshake instead of a reset.
+    let _ = compio::time::timeout(Duration::from_secs(1), async {
+        let mut buf = Vec::with_capacity(256);
+        loop {
+            let mut r = &stream;
+            let BufResult(res, b) = r.append(buf).await;
+            buf = b;
+            buf.clear();
+            if !matches!(res, Ok(n) if n > 0) {
+                break;
+            }
+        }
+    })
+    .await;
     Ok(())
 }
