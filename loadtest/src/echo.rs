@@ -7,13 +7,14 @@
 //! the *scheduled* send time, so a stalled server shows up as latency instead of being hidden
 //! by a client that politely waited (coordinated omission).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::IpAddr;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -46,6 +47,64 @@ pub struct EchoParams {
     pub warmup: Duration,
     /// Source addresses to spread connections over (empty = let the kernel choose).
     pub sources: Vec<IpAddr>,
+}
+
+/// Fires once at the end of the run and wakes every connection of a worker. Polling it is a
+/// `Cell` read; a compio timer per connection would read the clock and walk the timer tree
+/// on every wake-up, which cost the client a fifth of its rate.
+#[derive(Default)]
+pub struct End {
+    fired: Cell<bool>,
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl End {
+    fn fire(&self) {
+        self.fired.set(true);
+        for w in self.wakers.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    fn wait(&self) -> EndWait<'_> {
+        EndWait {
+            end: self,
+            slot: None,
+        }
+    }
+}
+
+/// Future returned by [`End::wait`].
+struct EndWait<'a> {
+    end: &'a End,
+    slot: Option<usize>,
+}
+
+impl Future for EndWait<'_> {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.end.fired.get() {
+            return Poll::Ready(());
+        }
+        let mut wakers = self.end.wakers.borrow_mut();
+        match self.slot {
+            Some(i) if wakers[i].will_wake(cx.waker()) => {}
+            Some(i) => wakers[i] = cx.waker().clone(),
+            None => {
+                wakers.push(cx.waker().clone());
+                let i = wakers.len() - 1;
+                drop(wakers);
+                self.slot = Some(i);
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl FusedFuture for EndWait<'_> {
+    fn is_terminated(&self) -> bool {
+        false
+    }
 }
 
 /// When the measured window starts and ends; set once every connection is up.
@@ -106,11 +165,21 @@ pub fn worker(
         while timing.get().is_none() {
             compio::time::sleep(Duration::from_millis(1)).await;
         }
+        // Invariant: the loop above waited until the timing was set.
+        let end_at = timing.get().expect("timing set").end;
+        let end = Rc::new(End::default());
+        let ender = {
+            let end = end.clone();
+            compio::runtime::spawn(async move {
+                compio::time::sleep_until(end_at).await;
+                end.fire();
+            })
+        };
         let tasks: Vec<_> = clients
             .into_iter()
             .map(|(i, c)| {
                 let (params, live, stats) = (params.clone(), live.clone(), stats.clone());
-                let timing = timing.clone();
+                let (timing, end) = (timing.clone(), end.clone());
                 compio::runtime::spawn(async move {
                     // Invariant: the loop above waited until the timing was set.
                     let timing = timing.get().expect("timing set");
@@ -119,7 +188,7 @@ pub fn worker(
                         // Stagger connections evenly over one interval.
                         (interval, interval.mul_f64(i as f64 / params.conns as f64))
                     });
-                    let r = drive(c, &params, timing, schedule, &stats, &live).await;
+                    let r = drive(c, &params, timing, &end, schedule, &stats, &live).await;
                     live.connections
                         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     if let Err(label) = r {
@@ -129,7 +198,9 @@ pub fn worker(
                 })
             })
             .collect();
-        crate::stats::collect(tasks, stats).await
+        let stats = crate::stats::collect(tasks, stats).await;
+        ender.detach();
+        stats
     })
 }
 
@@ -199,6 +270,7 @@ async fn drive(
     mut c: WsClient,
     p: &EchoParams,
     t: &Timing,
+    end: &End,
     schedule: Option<(Duration, Duration)>,
     stats: &RefCell<WorkerStats>,
     live: &Live,
@@ -212,7 +284,11 @@ async fn drive(
     let write_fut = pin!(Fuse::terminated());
     let timer = pin!(Fuse::terminated());
     let (mut read_fut, mut write_fut, mut timer) = (read_fut, write_fut, timer);
-    timer.set(compio::time::sleep_until(next.unwrap_or(t.end).min(t.end)).fuse());
+    // Created once: it registers this connection's waker with the worker's end signal.
+    let mut end_wait = pin!(end.wait());
+    if let Some(n) = next {
+        timer.set(compio::time::sleep_until(n).fuse());
+    }
     loop {
         let now = Instant::now();
         if now >= t.end {
@@ -271,8 +347,11 @@ async fn drive(
                         *n += interval;
                     }
                 }
-                timer.set(compio::time::sleep_until(next.unwrap_or(t.end).min(t.end)).fuse());
+                if let Some(n) = next {
+                    timer.set(compio::time::sleep_until(n).fuse());
+                }
             }
+            () = end_wait => break,
         }
     }
     // A write still in flight is dropped with the connection; the close is best effort.
