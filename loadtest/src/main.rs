@@ -40,6 +40,20 @@ enum Scenario {
     Connect(ConnectArgs),
 }
 
+/// Options every scenario takes.
+#[derive(Args)]
+struct CommonArgs {
+    /// Worker threads, each with its own runtime.
+    #[arg(short, long, default_value_t = 1)]
+    threads: usize,
+    /// Local source addresses, e.g. 127.0.0.1-127.0.0.16 or a comma list.
+    #[arg(long)]
+    source: Option<String>,
+    /// Write the results as JSON to this file (schema in docs/loadtest.md).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
 #[derive(Args)]
 struct ConnectArgs {
     /// Target URL.
@@ -54,15 +68,8 @@ struct ConnectArgs {
     /// Seconds every connection stays open after the ramp.
     #[arg(long, default_value_t = 5.0)]
     hold: f64,
-    /// Worker threads.
-    #[arg(short, long, default_value_t = 1)]
-    threads: usize,
-    /// Local source addresses, e.g. 127.0.0.1-127.0.0.16 or a comma list.
-    #[arg(long)]
-    source: Option<String>,
-    /// Write the results as JSON to this file.
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    common: CommonArgs,
 }
 
 #[derive(Args)]
@@ -89,15 +96,8 @@ struct EchoArgs {
     /// Warm-up seconds, excluded from the results.
     #[arg(short, long, default_value_t = 2.0)]
     warmup: f64,
-    /// Worker threads (each with its own runtime).
-    #[arg(short, long, default_value_t = 1)]
-    threads: usize,
-    /// Local source addresses, e.g. 127.0.0.1-127.0.0.16 or a comma list.
-    #[arg(long)]
-    source: Option<String>,
-    /// Write the results as JSON to this file (schema in docs/loadtest.md).
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    common: CommonArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -279,13 +279,13 @@ struct Report {
 }
 
 fn run_echo(a: EchoArgs) -> anyhow::Result<()> {
-    if a.conns == 0 || a.threads == 0 || a.inflight == 0 {
+    if a.conns == 0 || a.common.threads == 0 || a.inflight == 0 {
         bail!("--conns, --threads and --inflight must be at least 1");
     }
     if a.duration <= 0.0 || a.warmup < 0.0 {
         bail!("--duration must be > 0 and --warmup ≥ 0");
     }
-    let (target, sources) = prepare(&a.url, a.source.as_deref(), a.conns)?;
+    let (target, sources) = prepare(&a.url, a.common.source.as_deref(), a.conns)?;
     let params = Arc::new(EchoParams {
         target,
         conns: a.conns,
@@ -299,7 +299,7 @@ fn run_echo(a: EchoArgs) -> anyhow::Result<()> {
     let live = Arc::new(Live::default());
     let timing = Arc::new(OnceLock::new());
     let (tx, rx) = std::sync::mpsc::channel();
-    let threads = a.threads.min(a.conns);
+    let threads = a.common.threads.min(a.conns);
     let handles = {
         let (p, l, t, tx) = (params.clone(), live.clone(), timing.clone(), tx.clone());
         spawn_workers(a.conns, threads, move |f, n| {
@@ -418,7 +418,7 @@ fn run_echo(a: EchoArgs) -> anyhow::Result<()> {
         warnings,
     };
     print_summary(&report);
-    if let Some(path) = &a.json {
+    if let Some(path) = &a.common.json {
         write_json(path, &report)?;
     }
     if report.messages == 0 {
@@ -462,10 +462,10 @@ struct ConnectReport {
 }
 
 fn run_connect(a: ConnectArgs) -> anyhow::Result<()> {
-    if a.conns == 0 || a.threads == 0 || a.rate <= 0.0 || a.hold < 0.0 {
+    if a.conns == 0 || a.common.threads == 0 || a.rate <= 0.0 || a.hold < 0.0 {
         bail!("--conns and --threads must be at least 1, --rate > 0, --hold ≥ 0");
     }
-    let (target, sources) = prepare(&a.url, a.source.as_deref(), a.conns)?;
+    let (target, sources) = prepare(&a.url, a.common.source.as_deref(), a.conns)?;
     let params = Arc::new(connect::ConnectParams {
         target,
         conns: a.conns,
@@ -476,7 +476,7 @@ fn run_connect(a: ConnectArgs) -> anyhow::Result<()> {
     let live = Arc::new(Live::default());
     let start = Instant::now() + Duration::from_millis(50);
     let end = start + params.ramp() + params.hold;
-    let threads = a.threads.min(a.conns);
+    let threads = a.common.threads.min(a.conns);
     // Each connection opens at its global scheduled time, whichever worker holds it.
     let handles = {
         let (p, l) = (params.clone(), live.clone());
@@ -531,7 +531,7 @@ fn run_connect(a: ConnectArgs) -> anyhow::Result<()> {
         report.hold_s
     );
     print_latency_and_errors("handshake", l, &report.errors);
-    if let Some(path) = &a.json {
+    if let Some(path) = &a.common.json {
         write_json(path, &report)?;
     }
     if report.conns_established == 0 {

@@ -1,39 +1,18 @@
 //! `wsedge-load connect` against a real in-process wsedge: every connection is established,
 //! held and closed with 1000, and the counts agree with the server's.
 
-use std::process::Command;
+mod common;
 
-use wsedge::config::Config;
+use common::{echo_url, run_json, server};
 use wsedge::metrics::merge;
-use wsedge::shard::Server;
 
 #[test]
 fn ramp_hold_and_close_agree_with_the_server() {
-    let cfg = Config::parse(
-        "[runtime]\nshards = 2\npin_threads = false\n\
-         [[listener]]\nbind = \"127.0.0.1:0\"\n\
-         [[listener.route]]\npath = \"/echo\"\nkind = \"echo\"\n\
-         [admin]\nenabled = false\n",
-    )
-    .unwrap();
-    let srv = Server::start(&cfg).unwrap();
-    let url = format!("ws://{}/echo", srv.listen_addrs()[0].1);
-    let json = std::env::temp_dir().join(format!("wsedge-connect-{}.json", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_wsedge-load"))
-        .args([
-            "connect", &url, "--conns", "300", "--rate", "1500", "--hold", "0.5",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let srv = server(2, "");
+    let url = echo_url(&srv);
+    let r = run_json(&[
+        "connect", &url, "--conns", "300", "--rate", "1500", "--hold", "0.5",
+    ]);
     assert_eq!(r["conns_established"], 300, "{r}");
     assert_eq!(r["errors"].as_object().unwrap().len(), 0, "{r}");
     assert!(r["handshake_latency"]["p50_us"].as_f64().unwrap() > 0.0);

@@ -1,53 +1,17 @@
 //! `wsedge-load echo` against a real in-process wsedge: the run completes, reports no
 //! errors, and its message count agrees with what the server counted.
 
+mod common;
+
 use std::process::Command;
 
-use wsedge::config::Config;
+use common::{echo_url, run_json as run, server};
 use wsedge::metrics::merge;
-use wsedge::shard::Server;
-
-fn server() -> Server {
-    server_with("")
-}
-
-fn server_with(listener_extra: &str) -> Server {
-    let cfg = Config::parse(&format!(
-        "[runtime]\nshards = 1\npin_threads = false\n\
-         [[listener]]\nbind = \"127.0.0.1:0\"\n{listener_extra}\n\
-         [[listener.route]]\npath = \"/echo\"\nkind = \"echo\"\n\
-         [admin]\nenabled = false\n"
-    ))
-    .unwrap();
-    Server::start(&cfg).unwrap()
-}
-
-fn run(args: &[&str]) -> serde_json::Value {
-    let json = std::env::temp_dir().join(format!(
-        "wsedge-load-{}-{}.json",
-        std::process::id(),
-        args.len()
-    ));
-    let out = Command::new(env!("CARGO_BIN_EXE_wsedge-load"))
-        .args(args)
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("latency"), "{stdout}");
-    serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
-}
 
 #[test]
 fn closed_and_open_loop_counts_agree_with_the_server() {
-    let srv = server();
-    let url = format!("ws://{}/echo", srv.listen_addrs()[0].1);
+    let srv = server(1, "");
+    let url = echo_url(&srv);
     let r = run(&[
         "echo",
         &url,
@@ -119,8 +83,8 @@ fn clear_error_when_nothing_listens() {
 /// on time.
 #[test]
 fn open_loop_survives_server_backpressure() {
-    let srv = server_with("max_pending_write_bytes = 1024");
-    let url = format!("ws://{}/echo", srv.listen_addrs()[0].1);
+    let srv = server(1, "max_pending_write_bytes = 1024");
+    let url = echo_url(&srv);
     let mut child = Command::new(env!("CARGO_BIN_EXE_wsedge-load"))
         .args([
             "echo", &url, "--conns", "2", "--size", "262144", "--rate", "4000",
