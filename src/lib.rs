@@ -7,6 +7,8 @@
 //! - [`proto`]: the sans-IO WebSocket protocol core (HTTP upgrade, RFC 6455 frames, masking,
 //!   UTF-8 validation, close handshake, limits). No sockets, no clock. Shared by the server,
 //!   the upstream client role and `wsedge-load`.
+//! - [`fanout`]: broadcast topics, bounded per-subscriber queues with a lag policy, and the
+//!   lock-free rings that carry batches between shards. Runtime-free.
 //! - [`config`]: TOML configuration, parsed into validated types that cannot hold invalid values.
 //! - [`metrics`]: plain per-shard counters, merged into Prometheus text and JSON on demand.
 //! - [`shard`]: the shard runtime: one pinned thread with its own io_uring (or epoll) runtime,
@@ -18,6 +20,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod fanout;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics;

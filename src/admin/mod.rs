@@ -1,9 +1,12 @@
 //! The admin listener: a small blocking HTTP/1.1 server on its own thread.
 //!
 //! `GET /healthz` (200 `ok`, 503 `draining` during shutdown), `GET /metrics` (Prometheus
-//! text) and `GET /stats` (JSON per shard). Admin traffic is rare and tiny, so it lives off
-//! the shards: it asks each shard for a counter snapshot over the control channel and never
-//! touches shard state directly. One request per connection, bounded in size and time.
+//! text), `GET /stats` (JSON per shard) and `POST /publish/{topic}` (the body is broadcast to
+//! the topic's subscribers on every shard; text unless `Content-Type:
+//! application/octet-stream`, answered with the number of subscribers reached). Admin traffic
+//! is rare and small, so it lives off the shards: it talks to each shard over the control
+//! channel and never touches shard state directly. One request per connection, bounded in
+//! size and time.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -15,10 +18,13 @@ use std::time::Duration;
 use tracing::{debug, info};
 
 use crate::metrics::{render_prometheus, render_stats_json};
+use crate::proto::MessageKind;
 use crate::shard::ShardSet;
 
-/// Largest admin request accepted, bytes.
+/// Largest admin request head accepted, bytes.
 const MAX_REQUEST: usize = 8192;
+/// Largest `POST /publish` body, bytes.
+pub const MAX_PUBLISH_BYTES: usize = 1 << 20;
 
 /// A running admin listener.
 pub struct AdminServer {
@@ -80,7 +86,7 @@ fn handle(mut c: TcpStream, shards: &ShardSet) -> std::io::Result<()> {
     c.set_write_timeout(Some(Duration::from_secs(2)))?;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
-    let (method, path) = loop {
+    let (method, path, head_len, body_len, binary) = loop {
         let n = c.read(&mut chunk)?;
         if n == 0 {
             return Ok(());
@@ -89,10 +95,32 @@ fn handle(mut c: TcpStream, shards: &ShardSet) -> std::io::Result<()> {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf) {
-            Ok(httparse::Status::Complete(_)) => {
+            Ok(httparse::Status::Complete(head_len)) => {
+                let header = |name: &str| {
+                    req.headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .and_then(|h| std::str::from_utf8(h.value).ok())
+                        .map(str::trim)
+                };
+                let body_len = match header("content-length").map(str::parse::<usize>) {
+                    None => 0,
+                    Some(Ok(n)) if n <= MAX_PUBLISH_BYTES => n,
+                    Some(Ok(_)) => {
+                        return respond(&mut c, 413, "text/plain", "body too large\n");
+                    }
+                    Some(Err(_)) => {
+                        return respond(&mut c, 400, "text/plain", "bad content-length\n");
+                    }
+                };
+                let binary = header("content-type")
+                    .is_some_and(|t| t.starts_with("application/octet-stream"));
                 break (
                     req.method.unwrap_or_default().to_string(),
                     req.path.unwrap_or_default().to_string(),
+                    head_len,
+                    body_len,
+                    binary,
                 );
             }
             Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST => {}
@@ -116,7 +144,44 @@ fn handle(mut c: TcpStream, shards: &ShardSet) -> std::io::Result<()> {
             let body = render_stats_json(&shards.info(), &shards.snapshots());
             respond(&mut c, 200, "application/json", &body)
         }
+        ("POST", p) if p.starts_with("/publish/") => {
+            let topic = &p["/publish/".len()..];
+            if topic.is_empty() || topic.len() > crate::config::MAX_TOPIC_BYTES {
+                return respond(&mut c, 400, "text/plain", "bad topic\n");
+            }
+            let mut body = buf.split_off(head_len);
+            while body.len() < body_len {
+                let n = c.read(&mut chunk)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+            body.truncate(body_len);
+            let kind = if binary {
+                MessageKind::Binary
+            } else if simdutf8::basic::from_utf8(&body).is_ok() {
+                MessageKind::Text
+            } else {
+                return respond(
+                    &mut c,
+                    400,
+                    "text/plain",
+                    "text body is not UTF-8 (use Content-Type: application/octet-stream)\n",
+                );
+            };
+            let n = shards.publish(topic, kind, &body);
+            respond(
+                &mut c,
+                200,
+                "application/json",
+                &format!("{{\"subscribers\":{n}}}\n"),
+            )
+        }
         (_, "/healthz" | "/metrics" | "/stats") => {
+            respond(&mut c, 405, "text/plain", "method not allowed\n")
+        }
+        (_, p) if p.starts_with("/publish/") => {
             respond(&mut c, 405, "text/plain", "method not allowed\n")
         }
         _ => respond(&mut c, 404, "text/plain", "not found\n"),
@@ -129,6 +194,7 @@ fn respond(c: &mut TcpStream, status: u16, ctype: &str, body: &str) -> std::io::
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        413 => "Content Too Large",
         _ => "Service Unavailable",
     };
     let head = format!(

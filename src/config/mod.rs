@@ -19,6 +19,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::fanout::{LagPolicy, QueueLimits};
 use crate::proto::Limits;
 
 /// The embedded default configuration file, with comments.
@@ -126,7 +127,9 @@ pub struct ListenerConfig {
 /// One `[[listener.route]]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
-    /// Exact request path (query string ignored when matching).
+    /// Request path as configured. A path ending in `{topic}` matches every path with that
+    /// prefix and a non-empty rest, which names the topic; any other path matches exactly.
+    /// The query string is ignored when matching.
     pub path: String,
     /// What the route does.
     pub kind: RouteKind,
@@ -134,9 +137,26 @@ pub struct Route {
     /// client also offered is selected; if the client offered some and none match, the
     /// connection proceeds without a subprotocol (RFC 6455 4.2.2 lets the client decide).
     pub subprotocols: Vec<String>,
+    /// Subscriber queue caps and lag policy (used by subscribe and pubsub routes).
+    pub queue: QueueLimits,
 }
 
+/// Longest topic name taken from a request path, bytes.
+pub const MAX_TOPIC_BYTES: usize = 256;
+
 impl Route {
+    /// If `path` (without query) matches this route: `Some(topic)`, where the topic is empty
+    /// for routes without `{topic}`. A topic longer than [`MAX_TOPIC_BYTES`] does not match.
+    pub fn matches<'p>(&self, path: &'p str) -> Option<&'p str> {
+        match self.path.strip_suffix("{topic}") {
+            Some(prefix) => {
+                let topic = path.strip_prefix(prefix)?;
+                (!topic.is_empty() && topic.len() <= MAX_TOPIC_BYTES).then_some(topic)
+            }
+            None => (path == self.path).then_some(""),
+        }
+    }
+
     /// The subprotocol to answer for a client that offered `offered`.
     pub fn select_subprotocol<'a>(&'a self, offered: &[String]) -> Option<&'a str> {
         self.subprotocols
@@ -152,6 +172,24 @@ impl Route {
 pub enum RouteKind {
     /// Send every text/binary message back unchanged.
     Echo,
+    /// Publish every text/binary message to the path's topic; send nothing back.
+    Publish,
+    /// Receive every message published to the path's topic; messages sent are ignored.
+    Subscribe,
+    /// Both: receive the topic and publish to it (a client receives its own messages too).
+    PubSub,
+}
+
+impl RouteKind {
+    /// Routes whose connections publish their messages.
+    pub fn publishes(self) -> bool {
+        matches!(self, Self::Publish | Self::PubSub)
+    }
+
+    /// Routes whose connections receive a topic.
+    pub fn subscribes(self) -> bool {
+        matches!(self, Self::Subscribe | Self::PubSub)
+    }
 }
 
 /// `[admin]`, validated.
@@ -298,13 +336,71 @@ fn validate_listener(i: usize, l: &raw::RawListener) -> Result<ListenerConfig, C
         }
         let kind = match r.kind.as_str() {
             "echo" => RouteKind::Echo,
+            "publish" => RouteKind::Publish,
+            "subscribe" => RouteKind::Subscribe,
+            "pubsub" => RouteKind::PubSub,
             other => {
                 return Err(ConfigError::new(
                     rp("kind"),
-                    format!("unknown route kind `{other}` (expected: echo)"),
+                    format!(
+                        "unknown route kind `{other}` (expected: echo, publish, subscribe, pubsub)"
+                    ),
                 ));
             }
         };
+        let templated = r.path.ends_with("{topic}");
+        if r.path.matches('{').count() > usize::from(templated) {
+            return Err(ConfigError::new(
+                rp("path"),
+                "`{topic}` may only appear once, at the end of the path",
+            ));
+        }
+        match (kind, templated) {
+            (RouteKind::Echo, true) => {
+                return Err(ConfigError::new(
+                    rp("path"),
+                    "an echo route has no topic; remove `{topic}`",
+                ));
+            }
+            (RouteKind::Publish | RouteKind::Subscribe | RouteKind::PubSub, false) => {
+                return Err(ConfigError::new(
+                    rp("path"),
+                    format!(
+                        "a {} route names its topic in the path: end it with `{{topic}}`, e.g. `/sub/{{topic}}`",
+                        r.kind
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        let mut queue = QueueLimits::default();
+        let queue_keys = [
+            ("max_queue_bytes", r.max_queue_bytes.is_some()),
+            ("max_queue_messages", r.max_queue_messages.is_some()),
+            ("lag_policy", r.lag_policy.is_some()),
+        ];
+        if !kind.subscribes() {
+            if let Some((key, _)) = queue_keys.iter().find(|(_, set)| *set) {
+                return Err(ConfigError::new(
+                    rp(key),
+                    format!(
+                        "only subscribe and pubsub routes have a queue, not {}",
+                        r.kind
+                    ),
+                ));
+            }
+        }
+        if let Some(b) = r.max_queue_bytes {
+            queue.max_bytes = bounded(b, 1024, 1 << 30, &rp("max_queue_bytes"))?;
+        }
+        if let Some(m) = r.max_queue_messages {
+            queue.max_messages = bounded(m, 1, 1 << 24, &rp("max_queue_messages"))?;
+        }
+        if let Some(p) = &r.lag_policy {
+            queue.policy = p
+                .parse::<LagPolicy>()
+                .map_err(|e| ConfigError::new(rp("lag_policy"), e))?;
+        }
         for (k, proto) in r.subprotocols.iter().enumerate() {
             let valid = !proto.is_empty()
                 && proto
@@ -321,6 +417,7 @@ fn validate_listener(i: usize, l: &raw::RawListener) -> Result<ListenerConfig, C
             path: r.path.clone(),
             kind,
             subprotocols: r.subprotocols.clone(),
+            queue,
         });
     }
     if routes.is_empty() {
@@ -448,6 +545,11 @@ mod tests {
         let l = &c.listeners[0];
         assert_eq!(l.bind, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(l.routes[0].kind, RouteKind::Echo);
+        let sub = l.routes.iter().find(|r| r.kind == RouteKind::Subscribe);
+        assert_eq!(sub.unwrap().queue, QueueLimits::default());
+        assert_eq!(l.routes[2].matches("/sub/btc"), Some("btc"));
+        assert_eq!(l.routes[2].matches("/sub/"), None);
+        assert_eq!(l.routes[0].matches("/echo"), Some(""));
         assert_eq!(c.admin.unwrap().bind, "127.0.0.1:9090".parse().unwrap());
         // Every value written in the commented file equals the code default, so the file
         // documents the real defaults.
@@ -510,9 +612,12 @@ mod tests {
         let mut raw = raw::RawConfig::default();
         raw.listener.push(raw::RawListener {
             route: vec![raw::RawRoute {
-                path: "/echo".into(),
-                kind: "echo".into(),
+                path: "/sub/{topic}".into(),
+                kind: "subscribe".into(),
                 subprotocols: vec![],
+                max_queue_bytes: Some(1),
+                max_queue_messages: Some(1),
+                lag_policy: Some("close".into()),
             }],
             ..Default::default()
         });

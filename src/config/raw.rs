@@ -104,11 +104,20 @@ impl Default for RawListener {
 pub struct RawRoute {
     /// Request path, exact match.
     pub path: String,
-    /// What the route does: `echo`.
+    /// What the route does: `echo`, `publish`, `subscribe` or `pubsub`.
     pub kind: String,
     /// Subprotocols the route speaks, in preference order.
     #[serde(default)]
     pub subprotocols: Vec<String>,
+    /// Subscriber queue cap in bytes (subscribe and pubsub routes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queue_bytes: Option<usize>,
+    /// Subscriber queue cap in messages (subscribe and pubsub routes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queue_messages: Option<usize>,
+    /// `drop_oldest`, `drop_newest` or `close` (subscribe and pubsub routes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_policy: Option<String>,
 }
 
 /// `[admin]`.

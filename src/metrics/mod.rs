@@ -10,6 +10,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::fanout::FanoutSnapshot;
+
 /// Why a handshake did not end in `101 Switching Protocols`. Metric label `reason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandshakeFailure {
@@ -160,6 +162,7 @@ impl ShardMetrics {
                 .map(|f| (f.label(), self.handshake_failures[*f as usize].get()))
                 .collect(),
             closes,
+            fanout: FanoutSnapshot::default(),
         }
     }
 }
@@ -189,6 +192,8 @@ pub struct Snapshot {
     pub handshake_failures: Vec<(&'static str, u64)>,
     /// Connections ended, by close code.
     pub closes: Vec<(u16, u64)>,
+    /// Broadcast fan-out counters.
+    pub fanout: FanoutSnapshot,
 }
 
 impl Snapshot {
@@ -215,6 +220,7 @@ impl Snapshot {
             }
         }
         self.closes.sort_unstable();
+        self.fanout.merge(&other.fanout);
     }
 
     /// Handshake failures with this reason.
@@ -318,7 +324,7 @@ pub fn render_prometheus(info: &Info, snaps: &[Snapshot]) -> String {
         (
             "wsedge_messages_out_total",
             "counter",
-            "Messages queued for clients.",
+            "Echo replies queued for clients (broadcast: wsedge_fanout_deliveries_total).",
             t.messages_out,
         ),
         (
@@ -354,6 +360,88 @@ pub fn render_prometheus(info: &Info, snaps: &[Snapshot]) -> String {
         "Upgrade requests not answered with 101, by reason.",
         &hs,
     );
+    let f = &t.fanout;
+    let fanout: [(&str, &str, &str, u64); 10] = [
+        (
+            "wsedge_fanout_topics",
+            "gauge",
+            "Broadcast topics with subscribers, summed over shards (a topic with subscribers on two shards counts twice).",
+            f.topics,
+        ),
+        (
+            "wsedge_fanout_subscribers",
+            "gauge",
+            "Open subscriptions (subscribe and pubsub connections).",
+            f.subscribers,
+        ),
+        (
+            "wsedge_fanout_published_total",
+            "counter",
+            "Messages published (by clients and POST /publish).",
+            f.published,
+        ),
+        (
+            "wsedge_fanout_deliveries_total",
+            "counter",
+            "Frames queued for subscribers.",
+            f.deliveries,
+        ),
+        (
+            "wsedge_fanout_delivered_bytes_total",
+            "counter",
+            "Bytes of frames queued for subscribers.",
+            f.delivered_bytes,
+        ),
+        (
+            "wsedge_fanout_queued_bytes",
+            "gauge",
+            "Frame bytes waiting in subscriber queues.",
+            f.queued_bytes,
+        ),
+        (
+            "wsedge_fanout_queued_messages",
+            "gauge",
+            "Frames waiting in subscriber queues.",
+            f.queued_messages,
+        ),
+        (
+            "wsedge_fanout_ring_batches_out_total",
+            "counter",
+            "Batches sent to other shards.",
+            f.ring_batches_out,
+        ),
+        (
+            "wsedge_fanout_ring_batches_in_total",
+            "counter",
+            "Batches received from other shards.",
+            f.ring_batches_in,
+        ),
+        (
+            "wsedge_fanout_ring_full_drops_total",
+            "counter",
+            "Messages not delivered to another shard because the ring to it was full.",
+            f.ring_full_drops,
+        ),
+    ];
+    for (name, kind, help, v) in fanout {
+        metric(name, kind, help, &[(String::new(), v)]);
+    }
+    let drops: Vec<_> = f
+        .drops
+        .iter()
+        .map(|(r, w, n)| {
+            (
+                format!("{{route=\"{}\",reason=\"{w}\"}}", escape_label(r)),
+                *n,
+            )
+        })
+        .collect();
+    metric(
+        "wsedge_fanout_drops_total",
+        "counter",
+        "Messages not delivered to a subscriber, by route and lag policy (slow_consumer_close counts closes).",
+        &drops,
+    );
     let closes: Vec<_> = t
         .closes
         .iter()
@@ -366,6 +454,13 @@ pub fn render_prometheus(info: &Info, snaps: &[Snapshot]) -> String {
         &closes,
     );
     out
+}
+
+/// Escape a Prometheus label value (backslash, quote, newline).
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// `/stats` JSON: facts, merged totals and per-shard snapshots.

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use compio::BufResult;
 use compio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use compio::net::TcpStream;
@@ -33,7 +33,8 @@ use futures_util::select_biased;
 use tracing::debug;
 
 use super::{ListenerShared, ShardCtx, signal};
-use crate::config::RouteKind;
+use crate::config::{Route, RouteKind};
+use crate::fanout::{self, Subscription};
 use crate::metrics::HandshakeFailure;
 use crate::proto::handshake::{
     self, HandshakeLimits, UpgradeRequest, write_error_response, write_response_101,
@@ -50,6 +51,11 @@ const MAX_READ: usize = 64 * 1024;
 const KEEP_BUFFER: usize = 16 * 1024;
 /// How long an error response or a final close frame may take to be read by the peer.
 const LINGER: Duration = Duration::from_secs(1);
+/// A subscriber's write takes queued frames up to this many bytes (latency stays bounded: one
+/// write never carries more than this, and the next batch is taken when it completes)...
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+/// ...and at most this many frames (iovecs; the kernel's IOV_MAX is 1024).
+const MAX_BATCH_FRAMES: usize = 512;
 
 /// Drive one accepted connection to its end.
 ///
@@ -73,7 +79,7 @@ pub(crate) fn serve(
         // Latency over throughput for small frames; batching is done by the write path itself.
         let _ = stream.set_nodelay(true);
         let hs = handshake(ctx, &ctx.listeners[listener_idx], &stream);
-        let Some((route, rest)) = Box::pin(hs).await else {
+        let Some((route, topic, rest)) = Box::pin(hs).await else {
             return;
         };
         let ctx = &*live.0;
@@ -83,7 +89,8 @@ pub(crate) fn serve(
             &ctx.listeners[listener_idx],
             &stream,
             Some(rest),
-            route,
+            (listener_idx, route),
+            topic,
             seq,
         );
         let code = ws.await;
@@ -145,13 +152,13 @@ async fn read_request(
     }
 }
 
-/// Phase 1. On success the connection holds a `max_connections` slot and the returned buffer
-/// holds any bytes the client sent after the request.
+/// Phase 1. On success the connection holds a `max_connections` slot; returned are the index
+/// of its route, its topic (topic routes only) and any bytes the client sent after the request.
 async fn handshake(
     ctx: &ShardCtx,
     shared: &Arc<ListenerShared>,
     stream: &TcpStream,
-) -> Option<(RouteKind, BytesMut)> {
+) -> Option<(usize, Option<Arc<str>>, BytesMut)> {
     let cfg = &shared.cfg;
     let limits = HandshakeLimits {
         max_request_bytes: cfg.max_handshake_bytes,
@@ -178,7 +185,12 @@ async fn handshake(
             Ok(Ok(v)) => v,
         };
     let path = req.path.split('?').next().unwrap_or_default();
-    let Some(route) = cfg.routes.iter().find(|r| r.path == path) else {
+    let found = cfg
+        .routes
+        .iter()
+        .enumerate()
+        .find_map(|(i, r)| Some((i, r, r.matches(path)?)));
+    let Some((route_idx, route, topic)) = found else {
         ctx.metrics.on_handshake_failure(HandshakeFailure::NoRoute);
         write_error_response(404, "no WebSocket route for this path", &[], &mut out);
         respond_and_close(stream, out).await;
@@ -209,7 +221,8 @@ async fn handshake(
         ctx.metrics.on_handshake_failure(HandshakeFailure::Io);
         return None;
     }
-    Some((route.kind, rest))
+    let topic = (route.kind != RouteKind::Echo).then(|| Arc::from(topic));
+    Some((route_idx, topic, rest))
 }
 
 /// Write a final response, send FIN, and let the peer read it before the socket closes
@@ -248,9 +261,30 @@ fn read_op(
     }
 }
 
-fn write_op(stream: &TcpStream, buf: Vec<u8>) -> impl Future<Output = BufResult<(), Vec<u8>>> + '_ {
+/// What a write carries: the protocol core's own output (echo replies, control frames), or
+/// broadcast frames shared with other subscribers, written as one vectored write.
+enum WriteBuf {
+    Plain(Vec<u8>),
+    Frames(Vec<Bytes>),
+}
+
+fn write_op(
+    stream: &TcpStream,
+    buf: WriteBuf,
+) -> impl Future<Output = (std::io::Result<()>, WriteBuf)> + '_ {
     let mut s = stream;
-    async move { s.write_all(buf).await }
+    async move {
+        match buf {
+            WriteBuf::Plain(v) => {
+                let BufResult(r, v) = s.write_all(v).await;
+                (r, WriteBuf::Plain(v))
+            }
+            WriteBuf::Frames(f) => {
+                let BufResult(r, f) = s.write_vectored_all(f).await;
+                (r, WriteBuf::Frames(f))
+            }
+        }
+    }
 }
 
 /// What the closing timer is counting down to (it is idle in normal operation).
@@ -279,12 +313,29 @@ fn websocket<'a>(
     // The bytes that came after the upgrade request (`Some`); the read buffer from then on.
     // A parameter used in place, not moved into a local, so it is stored only once.
     mut rbuf: Option<BytesMut>,
-    route: RouteKind,
+    // (listener index, route index)
+    route_at: (usize, usize),
+    // The topic of a publish/subscribe/pubsub route.
+    topic: Option<Arc<str>>,
     seq: u64,
 ) -> impl Future<Output = u16> + 'a {
     async move {
         let cfg = &shared.cfg;
         let metrics = &ctx.metrics;
+        let route: &Route = &cfg.routes[route_at.1];
+        let sub: Option<Subscription<'_>> = match &topic {
+            Some(t) if route.kind.subscribes() => Some(ctx.hub.subscribe(
+                t,
+                route.queue,
+                ctx.route_labels[route_at.0][route_at.1].clone(),
+            )),
+            _ => None,
+        };
+        // Frame list of a subscriber's vectored write, kept between writes (absent while one
+        // is in flight).
+        let mut frames: Option<Vec<Bytes>> = Some(Vec::new());
+        // The slow-consumer close has been started (so the overflow is not acted on twice).
+        let mut overflow_seen = false;
         let mut conn = Conn::new(Role::Server, cfg.limits.clone());
         let max_pending = cfg.max_pending_write_bytes.get();
 
@@ -313,7 +364,8 @@ fn websocket<'a>(
         let signal = &*registration.signal;
 
         let mut read_fut = pin!(Fuse::terminated());
-        let mut write_fut: Fuse<LocalBoxFuture<'_, BufResult<(), Vec<u8>>>> = Fuse::terminated();
+        let mut write_fut: Fuse<LocalBoxFuture<'_, (std::io::Result<()>, WriteBuf)>> =
+            Fuse::terminated();
         let mut timer: Fuse<LocalBoxFuture<'_, ()>> = Fuse::terminated();
         let mut mode = TimerMode::Off;
         // Process bytes that arrived together with the upgrade request.
@@ -333,12 +385,18 @@ fn websocket<'a>(
                     match ev {
                         Event::Message { kind, data } => {
                             metrics.on_message_in(data.len());
-                            match route {
-                                RouteKind::Echo => {
-                                    if conn.send(kind, &data).is_ok() {
-                                        metrics.on_message_out(data.len());
-                                    }
+                            match (route.kind, &topic) {
+                                (RouteKind::Echo, _) if conn.send(kind, &data).is_ok() => {
+                                    metrics.on_message_out(data.len());
                                 }
+                                (RouteKind::Publish | RouteKind::PubSub, Some(t)) => {
+                                    let frame = fanout::encode(kind, &data);
+                                    ctx.hub.note_published();
+                                    ctx.hub.publish(t, &frame);
+                                    ctx.link.stage(t, &frame);
+                                }
+                                // Subscribers' own messages are not routed anywhere.
+                                _ => {}
                             }
                         }
                         Event::Close { code: c, .. } => {
@@ -347,6 +405,10 @@ fn websocket<'a>(
                         Event::Ping(_) | Event::Pong(_) => {}
                     }
                 }
+                // Everything this read published goes to the other shards as one batch each.
+                if route.kind.publishes() {
+                    ctx.link.flush();
+                }
                 // Release buffers much larger than the current read size once drained, so a
                 // connection that goes quiet after a burst does not keep the burst's buffer.
                 if buf.is_empty() && buf.capacity() > 2 * read_size {
@@ -354,12 +416,35 @@ fn websocket<'a>(
                 }
             }
 
-            // 2. Start a write if output is queued and none is in flight.
-            if write_fut.is_terminated() && conn.pending_transmit() > 0 && !io_failed {
-                // Invariant: `out` is only absent while a write is in flight.
-                let mut o = out.take().expect("out buffer present");
-                conn.poll_transmit(&mut o);
-                write_fut = write_op(stream, o).boxed_local().fuse();
+            // A subscriber that fell too far behind under the `close` policy: 1008.
+            if !overflow_seen && sub.as_ref().is_some_and(|s| s.overflowed()) {
+                overflow_seen = true;
+                if conn.state() == State::Open {
+                    code.get_or_insert(CloseCode::POLICY.0);
+                    start_close(&mut conn, CloseCode::POLICY, "slow consumer");
+                    mode = TimerMode::CloseWait;
+                    timer = compio::time::sleep(cfg.close_timeout).boxed_local().fuse();
+                }
+            }
+
+            // 2. Start a write if output is queued and none is in flight: the protocol core's
+            //    own output first, then broadcast frames (only while open: nothing may follow
+            //    our close frame).
+            if write_fut.is_terminated() && !io_failed {
+                if conn.pending_transmit() > 0 {
+                    // Invariant: `out` is only absent while a write is in flight.
+                    let mut o = out.take().expect("out buffer present");
+                    conn.poll_transmit(&mut o);
+                    write_fut = write_op(stream, WriteBuf::Plain(o)).boxed_local().fuse();
+                } else if let Some(s) = sub
+                    .as_ref()
+                    .filter(|s| conn.state() == State::Open && s.has_frames())
+                {
+                    // Invariant: `frames` is only absent while a write is in flight.
+                    let mut f = frames.take().expect("frame list present");
+                    s.take(&mut f, MAX_BATCH_BYTES, MAX_BATCH_FRAMES);
+                    write_fut = write_op(stream, WriteBuf::Frames(f)).boxed_local().fuse();
+                }
             }
 
             // 3. Close states: once the final frames are written, send FIN and linger.
@@ -420,18 +505,28 @@ fn websocket<'a>(
                     }
                     rbuf = Some(buf);
                 }
-                BufResult(res, mut o) = write_fut => {
+                (res, buf) = write_fut => {
                     if let Err(e) = res {
                         debug!(shard = ctx.id, error = %e, "write failed");
                         io_failed = true;
                     }
-                    let written = o.len();
-                    o.clear();
-                    if o.capacity() > KEEP_BUFFER.max(4 * written) {
-                        o = Vec::new();
+                    match buf {
+                        WriteBuf::Plain(mut o) => {
+                            let written = o.len();
+                            o.clear();
+                            if o.capacity() > KEEP_BUFFER.max(4 * written) {
+                                o = Vec::new();
+                            }
+                            out = Some(o);
+                        }
+                        WriteBuf::Frames(mut f) => {
+                            // Drops this write's references; keeps the list's allocation.
+                            f.clear();
+                            frames = Some(f);
+                        }
                     }
-                    out = Some(o);
                 }
+                () = ready_fut(sub.as_ref(), write_fut.is_terminated(), overflow_seen) => {}
                 flags = signal.wait() => {
                     if flags & signal::PING != 0 {
                         if conn.send_ping(b"wsedge").is_ok() {
@@ -475,6 +570,19 @@ fn websocket<'a>(
             }
         }
         code.unwrap_or(CloseCode::ABNORMAL.0)
+    }
+}
+
+/// The subscriber's wake-up for this loop turn: new frames matter only when no write is in
+/// flight (the next batch is taken when it completes), an overflow matters until seen.
+fn ready_fut<'s>(
+    sub: Option<&'s Subscription<'_>>,
+    idle_writer: bool,
+    overflow_seen: bool,
+) -> fanout::Ready<'s> {
+    match sub {
+        Some(s) => s.ready(idle_writer, !overflow_seen),
+        None => fanout::Ready::never(),
     }
 }
 

@@ -28,8 +28,12 @@ use compio::driver::{DriverType, ProactorBuilder};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{info, warn};
 
+use bytes::Bytes;
+
 use crate::config::{Config, IoMode, ListenerConfig};
+use crate::fanout::{self, Hub, mesh};
 use crate::metrics::{Info, ShardMetrics, Snapshot};
+use crate::proto::MessageKind;
 
 /// The I/O backend the shards run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +116,14 @@ pub(crate) enum Control {
     Snapshot(mpsc::Sender<Snapshot>),
     /// Stop accepting, close every connection (1001, spread over the drain window), exit.
     Drain,
+    /// Deliver an encoded frame to the shard's local subscribers of `topic` and reply with
+    /// how many there were. `origin` counts it as published (set for one shard only).
+    Publish {
+        topic: Arc<str>,
+        frame: Bytes,
+        origin: bool,
+        reply: mpsc::Sender<usize>,
+    },
 }
 
 /// A cloneable handle to ask every shard for its counters (used by the admin listener).
@@ -140,6 +152,34 @@ impl ShardSet {
                     .ok()
             })
             .collect()
+    }
+
+    /// Publish one message to `topic` on every shard (the admin API). Returns the number of
+    /// subscribers it was queued for, over the shards that answered within one second.
+    pub fn publish(&self, topic: &str, kind: MessageKind, payload: &[u8]) -> usize {
+        let frame = fanout::encode(kind, payload);
+        let topic: Arc<str> = Arc::from(topic);
+        let mut waiting = Vec::with_capacity(self.controls.len());
+        for (i, c) in self.controls.iter().enumerate() {
+            let (tx, rx) = mpsc::channel();
+            let cmd = Control::Publish {
+                topic: topic.clone(),
+                frame: frame.clone(),
+                origin: i == 0,
+                reply: tx,
+            };
+            if c.try_send(cmd).is_ok() {
+                waiting.push(rx);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        waiting
+            .into_iter()
+            .filter_map(|rx| {
+                rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                    .ok()
+            })
+            .sum()
     }
 
     /// Process facts for the exporters.
@@ -182,6 +222,25 @@ pub(crate) struct ShardCtx {
     pub(crate) live: std::cell::Cell<usize>,
     /// Sequence number of accepted connections; spreads drain closes.
     pub(crate) seq: std::cell::Cell<u64>,
+    /// Broadcast topics and their local subscribers.
+    pub(crate) hub: Hub,
+    /// This shard's ends of the rings to and from the other shards.
+    pub(crate) link: mesh::Link,
+    /// Per listener, per route: the route path as a metric label.
+    pub(crate) route_labels: Vec<Vec<Rc<str>>>,
+}
+
+impl ShardCtx {
+    fn snapshot(&self) -> Snapshot {
+        let mut s = self.metrics.snapshot(self.id);
+        s.fanout = self.hub.snapshot();
+        (
+            s.fanout.ring_batches_out,
+            s.fanout.ring_batches_in,
+            s.fanout.ring_full_drops,
+        ) = self.link.counters();
+        s
+    }
 }
 
 impl Server {
@@ -226,6 +285,7 @@ impl Server {
         }
 
         let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, (usize, String)>>();
+        let mut links = mesh::build(shards).into_iter();
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let mut controls = Vec::with_capacity(shards);
         let mut threads = Vec::with_capacity(shards);
@@ -242,6 +302,8 @@ impl Server {
                 shared.clone(),
                 cfg.runtime.drain_window,
                 cfg.runtime.drain_timeout,
+                // Invariant: `build(shards)` made one link per shard.
+                links.next().expect("one link per shard"),
             );
             let ready = ready_tx.clone();
             let t = std::thread::Builder::new()
@@ -383,11 +445,17 @@ fn keepalive_tick(listeners: &[Arc<ListenerShared>]) -> Option<Duration> {
         .map(|d| (d / 4).clamp(Duration::from_millis(5), Duration::from_secs(1)))
 }
 
-type CtxParts = (usize, Vec<Arc<ListenerShared>>, Duration, Duration);
+type CtxParts = (
+    usize,
+    Vec<Arc<ListenerShared>>,
+    Duration,
+    Duration,
+    mesh::Link,
+);
 
 fn run_shard(
     backend: Backend,
-    (id, listeners, drain_window, drain_timeout): CtxParts,
+    (id, listeners, drain_window, drain_timeout, link): CtxParts,
     sockets: Vec<StdListener>,
     control: async_channel::Receiver<Control>,
     ready: mpsc::Sender<Result<usize, (usize, String)>>,
@@ -406,6 +474,16 @@ fn run_shard(
         }
     };
     let tick = keepalive_tick(&listeners);
+    let route_labels = listeners
+        .iter()
+        .map(|l| {
+            l.cfg
+                .routes
+                .iter()
+                .map(|r| Rc::from(r.path.as_str()))
+                .collect()
+        })
+        .collect();
     let ctx = Rc::new(ShardCtx {
         id,
         listeners,
@@ -415,6 +493,9 @@ fn run_shard(
         drain_window,
         live: std::cell::Cell::new(0),
         seq: std::cell::Cell::new(0),
+        hub: Hub::default(),
+        link,
+        route_labels,
     });
     rt.block_on(async move {
         let mut accepts = Vec::with_capacity(sockets.len());
@@ -444,13 +525,26 @@ fn run_shard(
             })
         });
 
+        // Broadcasts from other shards: drain the rings whenever a peer rings the doorbell.
+        // Each frame is copied once into shard-local memory, so the subscribers' reference
+        // counting never touches a cache line another core is using.
+        let inbox = ctx.link.has_peers().then(|| {
+            let ctx = ctx.clone();
+            compio::runtime::spawn(async move {
+                loop {
+                    ctx.link.wait().await;
+                    ctx.link.drain(|topic, frame| {
+                        ctx.hub.publish(topic, &Bytes::copy_from_slice(frame));
+                    });
+                }
+            })
+        });
+
         // Serve control requests until told to drain (or the server handle is gone).
         while let Ok(cmd) = control.recv().await {
             match cmd {
-                Control::Snapshot(reply) => {
-                    let _ = reply.send(ctx.metrics.snapshot(ctx.id));
-                }
                 Control::Drain => break,
+                other => serve_control(&ctx, other),
             }
         }
 
@@ -458,13 +552,14 @@ fn run_shard(
         // connection, then wait for them up to the deadline while still answering snapshots.
         drop(accepts);
         drop(sweeper);
+        drop(inbox);
         ctx.conns.drain();
         let deadline = Instant::now() + drain_timeout;
         while ctx.live.get() > 0 && Instant::now() < deadline {
-            if let Ok(Ok(Control::Snapshot(reply))) =
+            if let Ok(Ok(cmd)) =
                 compio::time::timeout(Duration::from_millis(10), control.recv()).await
             {
-                let _ = reply.send(ctx.metrics.snapshot(ctx.id));
+                serve_control(&ctx, cmd);
             }
         }
         if ctx.live.get() > 0 {
@@ -475,4 +570,25 @@ fn run_shard(
             );
         }
     });
+}
+
+/// Answer a control request (drain is handled by the caller).
+fn serve_control(ctx: &ShardCtx, cmd: Control) {
+    match cmd {
+        Control::Snapshot(reply) => {
+            let _ = reply.send(ctx.snapshot());
+        }
+        Control::Publish {
+            topic,
+            frame,
+            origin,
+            reply,
+        } => {
+            if origin {
+                ctx.hub.note_published();
+            }
+            let _ = reply.send(ctx.hub.publish(&topic, &frame));
+        }
+        Control::Drain => {}
+    }
 }

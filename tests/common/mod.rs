@@ -68,6 +68,11 @@ pub fn start_with(
 }
 
 impl TestServer {
+    /// Counters of each shard.
+    pub fn per_shard(&self) -> Vec<Snapshot> {
+        self.server.as_ref().unwrap().shards().snapshots()
+    }
+
     /// Merged counters of all shards.
     pub fn totals(&self) -> Snapshot {
         merge(&self.server.as_ref().unwrap().shards().snapshots())
@@ -121,6 +126,36 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or("")
         .to_string();
     (status, body)
+}
+
+/// One HTTP POST to the admin listener; returns (status, body).
+pub fn http_post(addr: SocketAddr, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp[9..12].parse().unwrap();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    (status, body)
+}
+
+/// Raise the open-file soft limit to the hard limit (tests with many connections).
+pub fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
 }
 
 /// Send raw bytes as a request and read the whole response until the server closes.
@@ -180,7 +215,16 @@ impl Client {
         path: &str,
         protocols: &[&str],
     ) -> Result<(Self, Option<String>), Refused> {
-        let mut stream = TcpStream::connect(addr).map_err(|e| Refused::Io(e.to_string()))?;
+        let stream = TcpStream::connect(addr).map_err(|e| Refused::Io(e.to_string()))?;
+        Self::upgrade(stream, path, protocols)
+    }
+
+    /// Upgrade an already connected stream.
+    pub fn upgrade(
+        mut stream: TcpStream,
+        path: &str,
+        protocols: &[&str],
+    ) -> Result<(Self, Option<String>), Refused> {
         stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
         stream.set_nodelay(true).unwrap();
         let key = generate_key(rand_bytes());
