@@ -137,10 +137,16 @@ pub struct ShardSet {
 impl ShardSet {
     /// Counters of every shard that answers within one second, in shard order.
     pub fn snapshots(&self) -> Vec<Snapshot> {
+        self.ask(|_, reply| Control::Snapshot(reply))
+    }
+
+    /// Send every shard the request `make(shard, reply)` builds; collect the answers that
+    /// arrive within one second, in shard order.
+    fn ask<T>(&self, make: impl Fn(usize, mpsc::Sender<T>) -> Control) -> Vec<T> {
         let mut waiting = Vec::with_capacity(self.controls.len());
-        for c in self.controls.iter() {
+        for (i, c) in self.controls.iter().enumerate() {
             let (tx, rx) = mpsc::channel();
-            if c.try_send(Control::Snapshot(tx)).is_ok() {
+            if c.try_send(make(i, tx)).is_ok() {
                 waiting.push(rx);
             }
         }
@@ -159,27 +165,14 @@ impl ShardSet {
     pub fn publish(&self, topic: &str, kind: MessageKind, payload: &[u8]) -> usize {
         let frame = fanout::encode(kind, payload);
         let topic: Arc<str> = Arc::from(topic);
-        let mut waiting = Vec::with_capacity(self.controls.len());
-        for (i, c) in self.controls.iter().enumerate() {
-            let (tx, rx) = mpsc::channel();
-            let cmd = Control::Publish {
-                topic: topic.clone(),
-                frame: frame.clone(),
-                origin: i == 0,
-                reply: tx,
-            };
-            if c.try_send(cmd).is_ok() {
-                waiting.push(rx);
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(1);
-        waiting
-            .into_iter()
-            .filter_map(|rx| {
-                rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                    .ok()
-            })
-            .sum()
+        self.ask(|i, reply| Control::Publish {
+            topic: topic.clone(),
+            frame: frame.clone(),
+            origin: i == 0,
+            reply,
+        })
+        .into_iter()
+        .sum()
     }
 
     /// Process facts for the exporters.

@@ -114,30 +114,26 @@ impl Drop for TestServer {
 
 /// One HTTP GET to the admin listener; returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp[9..12].parse().unwrap();
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string();
-    (status, body)
+    http(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        b"",
+    )
 }
 
 /// One HTTP POST to the admin listener; returns (status, body).
 pub fn http_post(addr: SocketAddr, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
-    write!(
-        s,
+    let head = format!(
         "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
         body.len()
-    )
-    .unwrap();
+    );
+    http(addr, &head, body)
+}
+
+fn http(addr: SocketAddr, head: &str, body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
     s.write_all(body).unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
