@@ -7,14 +7,13 @@
 //! the *scheduled* send time, so a stalled server shows up as latency instead of being hidden
 //! by a client that politely waited (coordinated omission).
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::IpAddr;
-use std::pin::{Pin, pin};
+use std::pin::pin;
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -26,6 +25,7 @@ use futures_util::select_biased;
 use wsedge::proto::{CloseCode, Event, MessageKind};
 
 use crate::client::{self, Target, WsClient};
+use crate::end::End;
 use crate::stats::{Live, WorkerStats};
 
 /// Parameters of one echo run.
@@ -47,64 +47,6 @@ pub struct EchoParams {
     pub warmup: Duration,
     /// Source addresses to spread connections over (empty = let the kernel choose).
     pub sources: Vec<IpAddr>,
-}
-
-/// Fires once at the end of the run and wakes every connection of a worker. Polling it is a
-/// `Cell` read; a compio timer per connection would read the clock and walk the timer tree
-/// on every wake-up, which cost the client a fifth of its rate.
-#[derive(Default)]
-pub struct End {
-    fired: Cell<bool>,
-    wakers: RefCell<Vec<Waker>>,
-}
-
-impl End {
-    fn fire(&self) {
-        self.fired.set(true);
-        for w in self.wakers.borrow_mut().drain(..) {
-            w.wake();
-        }
-    }
-
-    fn wait(&self) -> EndWait<'_> {
-        EndWait {
-            end: self,
-            slot: None,
-        }
-    }
-}
-
-/// Future returned by [`End::wait`].
-struct EndWait<'a> {
-    end: &'a End,
-    slot: Option<usize>,
-}
-
-impl Future for EndWait<'_> {
-    type Output = ();
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.end.fired.get() {
-            return Poll::Ready(());
-        }
-        let mut wakers = self.end.wakers.borrow_mut();
-        match self.slot {
-            Some(i) if wakers[i].will_wake(cx.waker()) => {}
-            Some(i) => wakers[i] = cx.waker().clone(),
-            None => {
-                wakers.push(cx.waker().clone());
-                let i = wakers.len() - 1;
-                drop(wakers);
-                self.slot = Some(i);
-            }
-        }
-        Poll::Pending
-    }
-}
-
-impl FusedFuture for EndWait<'_> {
-    fn is_terminated(&self) -> bool {
-        false
-    }
 }
 
 /// When the measured window starts and ends; set once every connection is up.

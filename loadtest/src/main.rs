@@ -2,12 +2,15 @@
 //! same completion-based runtime (one worker thread per `--threads`, each with its own
 //! runtime).
 //!
-//! Scenarios: `echo` (closed or open loop) and `connect` (ramp, hold, handshake latency).
-//! The `broadcast` and `ingest` scenarios are tracked in issue 3.
+//! Scenarios: `echo` (closed or open loop), `connect` (ramp, hold, handshake latency) and
+//! `broadcast` (publishers and subscribers of one topic: end-to-end latency, loss, duplicates,
+//! reordering). The `ingest` scenario is tracked in issue 3.
 
+mod broadcast;
 mod client;
 mod connect;
 mod echo;
+mod end;
 mod stats;
 
 use std::io::{IsTerminal, Write};
@@ -38,6 +41,9 @@ enum Scenario {
     Echo(EchoArgs),
     /// Open many connections at a fixed rate, hold them, measure handshake latency.
     Connect(ConnectArgs),
+    /// Publishers send to a topic on a schedule, subscribers measure end-to-end latency,
+    /// loss, duplicates and reordering.
+    Broadcast(BroadcastArgs),
 }
 
 /// Options every scenario takes.
@@ -100,10 +106,42 @@ struct EchoArgs {
     common: CommonArgs,
 }
 
+#[derive(Args)]
+struct BroadcastArgs {
+    /// Publish endpoint: every message sent there goes to the topic.
+    #[arg(long, default_value = "ws://127.0.0.1:8080/pub/bench")]
+    pub_url: String,
+    /// Subscribe endpoint: receives every message of the topic.
+    #[arg(long, default_value = "ws://127.0.0.1:8080/sub/bench")]
+    sub_url: String,
+    /// Subscriber connections.
+    #[arg(short = 'c', long, default_value_t = 1000)]
+    subs: usize,
+    /// Publisher connections.
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
+    /// Payload size in bytes (at least 20: the header).
+    #[arg(short, long, default_value_t = 64)]
+    size: usize,
+    /// Total messages per second over all publishers (each sends rate / publishers on a
+    /// fixed schedule; latency counts from the scheduled time).
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Measured seconds.
+    #[arg(short, long, default_value_t = 10.0)]
+    duration: f64,
+    /// Warm-up seconds, excluded from the latency.
+    #[arg(short, long, default_value_t = 2.0)]
+    warmup: f64,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
         Scenario::Echo(a) => run_echo(a),
         Scenario::Connect(a) => run_connect(a),
+        Scenario::Broadcast(a) => run_broadcast(a),
     }
 }
 
@@ -172,13 +210,10 @@ fn prepare(
 
 /// Start `threads` workers, worker `w` getting the contiguous block `first..first + n` of the
 /// `conns` connections; `work(first, n)` runs on the worker thread.
-fn spawn_workers<F>(
-    conns: usize,
-    threads: usize,
-    work: F,
-) -> Vec<std::thread::JoinHandle<WorkerStats>>
+fn spawn_workers<T, F>(conns: usize, threads: usize, work: F) -> Vec<std::thread::JoinHandle<T>>
 where
-    F: Fn(usize, usize) -> WorkerStats + Clone + Send + 'static,
+    T: Send + 'static,
+    F: Fn(usize, usize) -> T + Clone + Send + 'static,
 {
     let mut first = 0;
     (0..threads)
@@ -225,6 +260,21 @@ fn print_latency_and_errors(
     for (k, v) in errors {
         println!("  error     {v:>8}  {k}");
     }
+}
+
+/// The per-second timeline of the measured window (`secs` long).
+fn timeline(total: &WorkerStats, secs: f64) -> Vec<Second> {
+    total
+        .timeline
+        .iter()
+        .enumerate()
+        .take(secs.ceil() as usize)
+        .map(|(t, (n, h))| Second {
+            t,
+            messages: *n,
+            p99_us: h.value_at_quantile(0.99) as f64 / 1000.0,
+        })
+        .collect()
 }
 
 /// Write a report as pretty JSON.
@@ -400,17 +450,7 @@ fn run_echo(a: EchoArgs) -> anyhow::Result<()> {
         messages: total.messages,
         rate_msgs_per_s: total.messages as f64 / secs,
         latency: Latency::of(&total.hist),
-        timeline: total
-            .timeline
-            .iter()
-            .enumerate()
-            .take(secs.ceil() as usize)
-            .map(|(t, (n, h))| Second {
-                t,
-                messages: *n,
-                p99_us: h.value_at_quantile(0.99) as f64 / 1000.0,
-            })
-            .collect(),
+        timeline: timeline(&total, secs),
         errors: total.errors,
         client_cpu_pct,
         late_sends: total.late_sends,
@@ -538,4 +578,311 @@ fn run_connect(a: ConnectArgs) -> anyhow::Result<()> {
         bail!("no connection could be established");
     }
     Ok(())
+}
+
+/// The `broadcast` `--json` report (documented in docs/loadtest.md).
+#[derive(Serialize)]
+struct BroadcastReport {
+    scenario: &'static str,
+    pub_url: String,
+    sub_url: String,
+    subs_requested: usize,
+    subs_connected: u64,
+    subs_complete: u64,
+    publishers_requested: usize,
+    publishers_connected: u64,
+    size: usize,
+    rate_msgs_per_s: f64,
+    threads: usize,
+    duration_s: f64,
+    warmup_s: f64,
+    grace_s: f64,
+    published: u64,
+    expected_deliveries: u64,
+    delivered: u64,
+    delivered_to_disconnected: u64,
+    measured_deliveries: u64,
+    delivered_per_s: f64,
+    lost: u64,
+    duplicated: u64,
+    reordered: u64,
+    stale: u64,
+    unwritten: u64,
+    latency: Latency,
+    timeline: Vec<Second>,
+    errors: std::collections::BTreeMap<String, u64>,
+    client_cpu_pct: f64,
+    late_sends: u64,
+    skipped_sends: u64,
+    warnings: Vec<String>,
+}
+
+fn run_broadcast(a: BroadcastArgs) -> anyhow::Result<()> {
+    if a.subs == 0 || a.publishers == 0 || a.common.threads == 0 {
+        bail!("--subs, --publishers and --threads must be at least 1");
+    }
+    if u32::try_from(a.publishers).is_err() {
+        bail!("--publishers must fit in 32 bits");
+    }
+    if a.size < broadcast::HEADER_LEN {
+        bail!(
+            "--size must be at least {} (the header: publisher id, sequence, timestamp)",
+            broadcast::HEADER_LEN
+        );
+    }
+    if !(a.rate > 0.0 && a.rate.is_finite()) {
+        bail!("--rate must be > 0");
+    }
+    if a.duration <= 0.0 || a.warmup < 0.0 {
+        bail!("--duration must be > 0 and --warmup ≥ 0");
+    }
+    let total_conns = a.subs + a.publishers;
+    let (sub_target, sources) = prepare(&a.sub_url, a.common.source.as_deref(), total_conns)?;
+    let pub_target = client::Target::parse(&a.pub_url)?;
+    let params = Arc::new(broadcast::BroadcastParams {
+        pub_target,
+        sub_target,
+        subs: a.subs,
+        publishers: a.publishers,
+        size: a.size,
+        rate: a.rate,
+        duration: Duration::from_secs_f64(a.duration),
+        warmup: Duration::from_secs_f64(a.warmup),
+        sources,
+        epoch: Instant::now(),
+    });
+    let shared = Arc::new(broadcast::Shared::new(a.publishers));
+    let live = Arc::new(Live::default());
+    let timing = Arc::new(OnceLock::new());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let threads = a.common.threads.min(total_conns);
+    let handles = {
+        let (p, s, l, t, tx) = (
+            params.clone(),
+            shared.clone(),
+            live.clone(),
+            timing.clone(),
+            tx.clone(),
+        );
+        spawn_workers(total_conns, threads, move |f, n| {
+            broadcast::worker(p.clone(), s.clone(), f, n, l.clone(), tx.clone(), t.clone())
+        })
+    };
+    drop(tx);
+    for _ in 0..threads {
+        rx.recv().context("a worker died while connecting")?;
+    }
+    // Every subscriber has its 101; give the server a moment to register the last ones.
+    let start = Instant::now() + broadcast::SETTLE;
+    let measure_start = start + params.warmup;
+    let end = measure_start + params.duration;
+    let _ = timing.set(Timing {
+        start,
+        measure_start,
+        end,
+    });
+    if live.connections.load(Ordering::Relaxed) == 0 {
+        eprintln!("no connection could be established");
+    }
+
+    // Progress: one line per second (rewritten in place on a terminal).
+    let tty = std::io::stderr().is_terminal();
+    let (mut last_pub, mut last_del, mut last_tick) = (0u64, 0u64, Instant::now());
+    let mut cpu_at_measure = None;
+    let mut cpu_end = None;
+    let stop = end + broadcast::GRACE;
+    while Instant::now() < stop {
+        // Wake each second, and exactly at the start and end of the measured window (the
+        // CPU samples) and at the end of the grace period.
+        let now = Instant::now();
+        let boundary = [measure_start, end, stop]
+            .into_iter()
+            .find(|&b| b > now)
+            .unwrap_or(stop);
+        std::thread::sleep(Duration::from_secs(1).min(boundary.saturating_duration_since(now)));
+        let now = Instant::now();
+        if cpu_at_measure.is_none() && now >= measure_start {
+            cpu_at_measure = Some((process_cpu(), now));
+        }
+        if cpu_end.is_none() && now >= end {
+            cpu_end = Some((process_cpu(), now));
+        }
+        let (p, d) = (
+            shared.published_total(),
+            live.messages.load(Ordering::Relaxed),
+        );
+        let per_s = |n: u64| n as f64 / (now - last_tick).as_secs_f64().max(1e-3);
+        let line = format!(
+            "t={:>4.1}s  published {:>8.0} msg/s  delivered {:>10.0} msg/s  p99 {:>10}  \
+             conns {:>6}  errors {:>5}{}",
+            start.elapsed().as_secs_f64(),
+            per_s(p - last_pub),
+            per_s(d - last_del),
+            match live.p99_us.swap(0, Ordering::Relaxed) {
+                0 => "-".to_string(),
+                v => format!("{v} µs"),
+            },
+            live.connections.load(Ordering::Relaxed),
+            live.errors.load(Ordering::Relaxed),
+            // Ticks fall on the phase boundaries: label the interval that just ended.
+            if last_tick < measure_start {
+                "  (warm-up)"
+            } else if last_tick >= end {
+                "  (grace: in-flight messages)"
+            } else {
+                ""
+            }
+        );
+        (last_pub, last_del, last_tick) = (p, d, now);
+        progress(tty, &line);
+    }
+    if tty {
+        eprintln!();
+    }
+    let mut total = WorkerStats::new();
+    let mut tally = broadcast::Tally::default();
+    for h in handles {
+        let w = h.join().map_err(|_| anyhow::anyhow!("a worker panicked"))?;
+        total.merge(w.stats);
+        tally.merge(&w.tally);
+    }
+    let (cpu0, t0) = cpu_at_measure.unwrap_or((Duration::ZERO, start));
+    let (cpu1, t1) = cpu_end.unwrap_or_else(|| (process_cpu(), Instant::now()));
+    let wall = t1.saturating_duration_since(t0).as_secs_f64();
+    let client_cpu_pct = if wall > 0.0 {
+        100.0 * cpu1.saturating_sub(cpu0).as_secs_f64() / wall / threads as f64
+    } else {
+        0.0
+    };
+    let published = shared.published_total();
+    let mut warnings = Vec::new();
+    if client_cpu_pct > 90.0 {
+        warnings.push(format!(
+            "the load generator used {client_cpu_pct:.0}% of its {threads} thread(s): it may be \
+             the bottleneck (add --threads, or pin it to its own core)"
+        ));
+    }
+    if total.late_sends > published / 100 {
+        warnings.push(format!(
+            "{} sends left more than 1 ms behind schedule: the publishers could not keep the \
+             rate",
+            total.late_sends
+        ));
+    }
+    if total.skipped_sends > 0 {
+        warnings.push(format!(
+            "{} scheduled sends were skipped: a publisher had {} messages not yet written (the \
+             server stopped reading from it)",
+            total.skipped_sends,
+            stats::MAX_OUTSTANDING
+        ));
+    }
+    if tally.subs_complete < tally.subs_connected {
+        warnings.push(format!(
+            "{} of {} subscribers disconnected before the end (see errors); expected \
+             deliveries, lost, duplicated and reordered count only the {} that stayed",
+            tally.subs_connected - tally.subs_complete,
+            tally.subs_connected,
+            tally.subs_complete
+        ));
+    }
+    if tally.unwritten > 0 {
+        warnings.push(format!(
+            "{} published messages were not confirmed written to the server by the end (it \
+             stopped reading from a publisher, or the connection failed); subscribers count \
+             them as lost",
+            tally.unwritten
+        ));
+    }
+    if tally.stale > 0 {
+        warnings.push(format!(
+            "{} messages arrived more than {} sequence numbers late: they could not be told \
+             apart from duplicates (counted as stale, and still as lost)",
+            tally.stale,
+            broadcast::WINDOW
+        ));
+    }
+    let secs = params.duration.as_secs_f64();
+    let report = BroadcastReport {
+        scenario: "broadcast",
+        pub_url: a.pub_url.clone(),
+        sub_url: a.sub_url.clone(),
+        subs_requested: a.subs,
+        subs_connected: tally.subs_connected,
+        subs_complete: tally.subs_complete,
+        publishers_requested: a.publishers,
+        publishers_connected: tally.pubs_connected,
+        size: a.size,
+        rate_msgs_per_s: a.rate,
+        threads,
+        duration_s: secs,
+        warmup_s: params.warmup.as_secs_f64(),
+        grace_s: broadcast::GRACE.as_secs_f64(),
+        published,
+        expected_deliveries: published * tally.subs_complete,
+        delivered: tally.delivered,
+        delivered_to_disconnected: tally.delivered_to_disconnected,
+        measured_deliveries: total.messages,
+        delivered_per_s: total.messages as f64 / secs,
+        lost: tally.lost,
+        duplicated: tally.duplicated,
+        reordered: tally.reordered,
+        stale: tally.stale,
+        unwritten: tally.unwritten,
+        latency: Latency::of(&total.hist),
+        timeline: timeline(&total, secs),
+        errors: total.errors,
+        client_cpu_pct,
+        late_sends: total.late_sends,
+        skipped_sends: total.skipped_sends,
+        warnings,
+    };
+    print_broadcast_summary(&report);
+    if let Some(path) = &a.common.json {
+        write_json(path, &report)?;
+    }
+    if report.publishers_connected == 0 || report.subs_connected == 0 {
+        bail!("no publisher or no subscriber could connect");
+    }
+    if report.published == 0 {
+        bail!("no message was published");
+    }
+    Ok(())
+}
+
+fn print_broadcast_summary(r: &BroadcastReport) {
+    println!(
+        "broadcast {} -> {}  subs {}/{}  publishers {}/{}  size {} B  {} msg/s  threads {}",
+        r.pub_url,
+        r.sub_url,
+        r.subs_connected,
+        r.subs_requested,
+        r.publishers_connected,
+        r.publishers_requested,
+        r.size,
+        r.rate_msgs_per_s,
+        r.threads
+    );
+    println!(
+        "  measured {:.1} s (warm-up {:.1} s excluded from latency; {:.1} s grace for in-flight \
+         messages)",
+        r.duration_s, r.warmup_s, r.grace_s
+    );
+    println!(
+        "  published {:>12}   expected deliveries {:>12} ({} subscribers connected throughout)",
+        r.published, r.expected_deliveries, r.subs_complete
+    );
+    println!(
+        "  delivered {:>12}   measured {:>12}   rate {:>12.0} deliveries/s",
+        r.delivered, r.measured_deliveries, r.delivered_per_s
+    );
+    println!(
+        "  lost {}  duplicated {}  reordered {}  stale {}  unwritten {}",
+        r.lost, r.duplicated, r.reordered, r.stale, r.unwritten
+    );
+    print_latency_and_errors("latency  ", &r.latency, &r.errors);
+    println!("  client cpu {:.0}% per thread", r.client_cpu_pct);
+    for w in &r.warnings {
+        println!("  WARNING: {w}");
+    }
 }
