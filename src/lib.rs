@@ -14,6 +14,8 @@
 //! - [`shard`]: the shard runtime: one pinned thread with its own io_uring (or epoll) runtime,
 //!   SO_REUSEPORT listener, connection drivers and timers per core. The only module that names
 //!   the runtime or sockets.
+//! - [`upstream`]: upstream `ws://` URLs and the upgrade request wsedge sends as a client
+//!   (proxy routes). Runtime-free.
 //! - [`admin`]: the admin HTTP listener (`/healthz`, `/metrics`, `/stats`).
 //! - [`fuzzing`]: byte-level entry points for the fuzz targets under `tests/fuzz`.
 #![deny(unsafe_code)]
@@ -26,3 +28,4 @@ pub mod fuzzing;
 pub mod metrics;
 pub mod proto;
 pub mod shard;
+pub mod upstream;

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use crate::fanout::{LagPolicy, QueueLimits};
 use crate::proto::Limits;
+use crate::upstream::WsUrl;
 
 /// The embedded default configuration file, with comments.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../config/default.toml");
@@ -139,6 +140,31 @@ pub struct Route {
     pub subprotocols: Vec<String>,
     /// Subscriber queue caps and lag policy (used by subscribe and pubsub routes).
     pub queue: QueueLimits,
+    /// Where a proxy route connects (proxy routes only).
+    pub proxy: Option<ProxyTarget>,
+}
+
+/// The upstream of a `proxy` route.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyTarget {
+    /// Upstream URL, resolved when the configuration was loaded.
+    pub url: WsUrl,
+    /// Headers added to the upstream request (values may hold secrets: never logged).
+    pub headers: Vec<(String, String)>,
+    /// Deadline for the TCP connect and the upstream's 101.
+    pub connect_timeout: Duration,
+}
+
+impl fmt::Debug for ProxyTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Header values are often credentials: show names only.
+        let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("ProxyTarget")
+            .field("url", &self.url)
+            .field("headers", &names)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
 }
 
 /// Longest topic name taken from a request path, bytes.
@@ -178,6 +204,8 @@ pub enum RouteKind {
     Subscribe,
     /// Both: receive the topic and publish to it (a client receives its own messages too).
     PubSub,
+    /// Relay the connection 1:1 to an upstream WebSocket server.
+    Proxy,
 }
 
 impl RouteKind {
@@ -339,15 +367,17 @@ fn validate_listener(i: usize, l: &raw::RawListener) -> Result<ListenerConfig, C
             "publish" => RouteKind::Publish,
             "subscribe" => RouteKind::Subscribe,
             "pubsub" => RouteKind::PubSub,
+            "proxy" => RouteKind::Proxy,
             other => {
                 return Err(ConfigError::new(
                     rp("kind"),
                     format!(
-                        "unknown route kind `{other}` (expected: echo, publish, subscribe, pubsub)"
+                        "unknown route kind `{other}` (expected: echo, publish, subscribe, pubsub, proxy)"
                     ),
                 ));
             }
         };
+        let proxy = proxy_target(r, kind, &rp)?;
         let templated = r.path.ends_with("{topic}");
         if r.path.matches('{').count() > usize::from(templated) {
             return Err(ConfigError::new(
@@ -356,10 +386,10 @@ fn validate_listener(i: usize, l: &raw::RawListener) -> Result<ListenerConfig, C
             ));
         }
         match (kind, templated) {
-            (RouteKind::Echo, true) => {
+            (RouteKind::Echo | RouteKind::Proxy, true) => {
                 return Err(ConfigError::new(
                     rp("path"),
-                    "an echo route has no topic; remove `{topic}`",
+                    format!("a {} route has no topic; remove `{{topic}}`", r.kind),
                 ));
             }
             (RouteKind::Publish | RouteKind::Subscribe | RouteKind::PubSub, false) => {
@@ -402,11 +432,7 @@ fn validate_listener(i: usize, l: &raw::RawListener) -> Result<ListenerConfig, C
                 .map_err(|e| ConfigError::new(rp("lag_policy"), e))?;
         }
         for (k, proto) in r.subprotocols.iter().enumerate() {
-            let valid = !proto.is_empty()
-                && proto
-                    .bytes()
-                    .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
-            if !valid {
+            if !is_token(proto) {
                 return Err(ConfigError::new(
                     rp(&format!("subprotocols[{k}]")),
                     format!("`{proto}` is not a valid subprotocol token (RFC 7230 token)"),
@@ -418,6 +444,7 @@ fn validate_listener(i: usize, l: &raw::RawListener) -> Result<ListenerConfig, C
             kind,
             subprotocols: r.subprotocols.clone(),
             queue,
+            proxy,
         });
     }
     if routes.is_empty() {
@@ -468,6 +495,83 @@ fn positive_ms(ms: u64, path: &str) -> Result<Duration, ConfigError> {
         return Err(ConfigError::new(path, "must be greater than 0"));
     }
     Ok(Duration::from_millis(ms))
+}
+
+/// An RFC 7230 token (header names, subprotocols).
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+}
+
+/// The proxy keys of a route: required on proxy routes, refused elsewhere.
+fn proxy_target(
+    r: &raw::RawRoute,
+    kind: RouteKind,
+    rp: &dyn Fn(&str) -> String,
+) -> Result<Option<ProxyTarget>, ConfigError> {
+    if kind != RouteKind::Proxy {
+        let set = [
+            ("upstream", r.upstream.is_some()),
+            ("connect_timeout_ms", r.connect_timeout_ms.is_some()),
+            ("headers", r.headers.is_some()),
+        ];
+        return match set.iter().find(|(_, s)| *s) {
+            Some((key, _)) => Err(ConfigError::new(
+                rp(key),
+                format!("only proxy routes have an upstream, not {}", r.kind),
+            )),
+            None => Ok(None),
+        };
+    }
+    let Some(url) = &r.upstream else {
+        return Err(ConfigError::new(
+            rp("upstream"),
+            "a proxy route needs `upstream = \"ws://host:port/path\"`",
+        ));
+    };
+    let url = WsUrl::parse(url).map_err(|e| ConfigError::new(rp("upstream"), e))?;
+    let ms = r.connect_timeout_ms.unwrap_or(5_000);
+    if ms == 0 {
+        return Err(ConfigError::new(rp("connect_timeout_ms"), "must be > 0"));
+    }
+    let mut headers = Vec::new();
+    for (k, v) in r.headers.iter().flatten() {
+        if !is_token(k) {
+            return Err(ConfigError::new(
+                rp("headers"),
+                format!("`{k}` is not a valid header name"),
+            ));
+        }
+        let reserved = [
+            "host",
+            "upgrade",
+            "connection",
+            "sec-websocket-key",
+            "sec-websocket-version",
+            "sec-websocket-protocol",
+            "sec-websocket-extensions",
+        ];
+        if reserved.contains(&k.to_ascii_lowercase().as_str()) {
+            return Err(ConfigError::new(
+                rp("headers"),
+                format!("`{k}` is set by the proxy itself"),
+            ));
+        }
+        if v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+            // The value is not shown: it may be a secret.
+            return Err(ConfigError::new(
+                rp("headers"),
+                format!("the value of `{k}` contains a line break or NUL"),
+            ));
+        }
+        headers.push((k.clone(), v.clone()));
+    }
+    Ok(Some(ProxyTarget {
+        url,
+        headers,
+        connect_timeout: Duration::from_millis(ms),
+    }))
 }
 
 fn bounded(v: usize, min: usize, max: usize, path: &str) -> Result<usize, ConfigError> {
@@ -588,6 +692,10 @@ mod tests {
                         format!("{prefix}.{k}")
                     };
                     match item {
+                        // A user-defined map: its keys are not configuration keys.
+                        toml::Value::Table(_) if k == "headers" => {
+                            out.insert(p);
+                        }
                         toml::Value::Table(_) => keys(item, &p, out),
                         toml::Value::Array(a)
                             if a.iter().all(|x| x.is_table()) && !a.is_empty() =>
@@ -618,6 +726,9 @@ mod tests {
                 max_queue_bytes: Some(1),
                 max_queue_messages: Some(1),
                 lag_policy: Some("close".into()),
+                upstream: Some("ws://127.0.0.1:1/".into()),
+                connect_timeout_ms: Some(1),
+                headers: Some([("X".to_string(), "y".to_string())].into()),
             }],
             ..Default::default()
         });
@@ -670,6 +781,80 @@ mod tests {
         assert_eq!(e.path, "(file)");
         let e = Config::parse(&base.replace("bind=", "max_frame_bytes=0\nbind=")).unwrap_err();
         assert_eq!(e.path, "listener[0].max_frame_bytes");
+    }
+
+    #[test]
+    fn route_kinds_are_checked() {
+        let route = |extra: &str| {
+            Config::parse(&format!(
+                "[[listener]]\nbind='127.0.0.1:1'\n[[listener.route]]\n{extra}\n"
+            ))
+        };
+        let ok = route("path='/s/{topic}'\nkind='subscribe'\nlag_policy='drop_oldest'").unwrap();
+        let r = &ok.listeners[0].routes[0];
+        assert_eq!(r.queue.policy, LagPolicy::DropOldest);
+        assert_eq!(r.matches("/s/a/b"), Some("a/b"));
+        assert_eq!(r.matches(&format!("/s/{}", "x".repeat(257))), None);
+        for (extra, path, words) in [
+            ("path='/s'\nkind='subscribe'", "path", "{topic}"),
+            ("path='/e/{topic}'\nkind='echo'", "path", "no topic"),
+            ("path='/{topic}/x/{topic}'\nkind='publish'", "path", "once"),
+            (
+                "path='/e'\nkind='echo'\nmax_queue_bytes=4096",
+                "max_queue_bytes",
+                "only",
+            ),
+            (
+                "path='/p/{topic}'\nkind='publish'\nlag_policy='close'",
+                "lag_policy",
+                "only",
+            ),
+            (
+                "path='/s/{topic}'\nkind='pubsub'\nlag_policy='yolo'",
+                "lag_policy",
+                "drop_oldest",
+            ),
+            (
+                "path='/s/{topic}'\nkind='pubsub'\nmax_queue_messages=0",
+                "max_queue_messages",
+                "range",
+            ),
+            ("path='/p'\nkind='proxy'", "upstream", "needs"),
+            (
+                "path='/p'\nkind='proxy'\nupstream='wss://h/'",
+                "upstream",
+                "issue 6",
+            ),
+            (
+                "path='/e'\nkind='echo'\nupstream='ws://127.0.0.1:1/'",
+                "upstream",
+                "only proxy",
+            ),
+            (
+                "path='/p'\nkind='proxy'\nupstream='ws://127.0.0.1:1/'\nheaders={Host='x'}",
+                "headers",
+                "proxy itself",
+            ),
+            (
+                "path='/p'\nkind='proxy'\nupstream='ws://127.0.0.1:1/'\nheaders={'a b'='x'}",
+                "headers",
+                "not a valid",
+            ),
+            (
+                "path='/p'\nkind='proxy'\nupstream='ws://127.0.0.1:1/'\nheaders={A=\"secret\\n\"}",
+                "headers",
+                "line break",
+            ),
+            (
+                "path='/p'\nkind='proxy'\nupstream='ws://127.0.0.1:1/'\nconnect_timeout_ms=0",
+                "connect_timeout_ms",
+                "> 0",
+            ),
+        ] {
+            let e = route(extra).unwrap_err();
+            assert_eq!(e.path, format!("listener[0].route[0].{path}"), "{extra}");
+            assert!(e.message.contains(words), "{extra}: {e}");
+        }
     }
 
     #[test]

@@ -118,6 +118,15 @@ pub struct RawRoute {
     /// `drop_oldest`, `drop_newest` or `close` (subscribe and pubsub routes only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag_policy: Option<String>,
+    /// `ws://` URL of the upstream (proxy routes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// Upstream TCP connect + handshake deadline (proxy routes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_ms: Option<u64>,
+    /// Headers added to the upstream upgrade request (proxy routes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// `[admin]`.

@@ -31,11 +31,13 @@ pub enum HandshakeFailure {
     Timeout,
     /// The socket failed or closed before the request was complete.
     Io,
+    /// 502: a proxy route's upstream refused, timed out or did not answer 101.
+    BadGateway,
 }
 
 impl HandshakeFailure {
     /// All variants, in label order.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Malformed,
         Self::MethodNotAllowed,
         Self::UnsupportedVersion,
@@ -44,6 +46,7 @@ impl HandshakeFailure {
         Self::OverCapacity,
         Self::Timeout,
         Self::Io,
+        Self::BadGateway,
     ];
 
     /// The metric label value.
@@ -57,6 +60,7 @@ impl HandshakeFailure {
             Self::OverCapacity => "over_capacity",
             Self::Timeout => "timeout",
             Self::Io => "io",
+            Self::BadGateway => "bad_gateway",
         }
     }
 
@@ -68,6 +72,7 @@ impl HandshakeFailure {
             431 => Self::TooLarge,
             404 => Self::NoRoute,
             503 => Self::OverCapacity,
+            502 => Self::BadGateway,
             _ => Self::Malformed,
         }
     }
@@ -84,7 +89,7 @@ pub struct ShardMetrics {
     bytes_out: Cell<u64>,
     pings_sent: Cell<u64>,
     idle_closes: Cell<u64>,
-    handshake_failures: [Cell<u64>; 8],
+    handshake_failures: [Cell<u64>; 9],
     closes: RefCell<Vec<(u16, u64)>>,
 }
 

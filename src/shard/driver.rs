@@ -32,7 +32,7 @@ use futures_util::future::{Fuse, FusedFuture, FutureExt, LocalBoxFuture};
 use futures_util::select_biased;
 use tracing::debug;
 
-use super::{ListenerShared, ShardCtx, signal};
+use super::{ListenerShared, ShardCtx, proxy, signal};
 use crate::config::{Route, RouteKind};
 use crate::fanout::{self, Subscription};
 use crate::metrics::HandshakeFailure;
@@ -78,22 +78,31 @@ pub(crate) fn serve(
         let ctx = &*live.0;
         // Latency over throughput for small frames; batching is done by the write path itself.
         let _ = stream.set_nodelay(true);
-        let hs = handshake(ctx, &ctx.listeners[listener_idx], &stream);
-        let Some((route, topic, rest)) = Box::pin(hs).await else {
+        let hs = handshake(ctx, &ctx.listeners[listener_idx], &stream, peer);
+        let Some((route, target, rest)) = Box::pin(hs).await else {
             return;
         };
         let ctx = &*live.0;
         ctx.metrics.on_open();
-        let ws = websocket(
-            ctx,
-            &ctx.listeners[listener_idx],
-            &stream,
-            Some(rest),
-            (listener_idx, route),
-            topic,
-            seq,
-        );
-        let code = ws.await;
+        let shared = &ctx.listeners[listener_idx];
+        let code = match target {
+            Target::Upstream(up) => {
+                // Boxed: proxy state must not enlarge every other connection's task.
+                Box::pin(proxy::relay(ctx, shared, &stream, rest, up)).await
+            }
+            Target::Topic(topic) => {
+                websocket(
+                    ctx,
+                    shared,
+                    &stream,
+                    Some(rest),
+                    (listener_idx, route),
+                    topic,
+                    seq,
+                )
+                .await
+            }
+        };
         let ctx = &*live.0;
         ctx.listeners[listener_idx]
             .open
@@ -152,13 +161,22 @@ async fn read_request(
     }
 }
 
+/// Where an accepted WebSocket goes after its handshake.
+enum Target {
+    /// Served here: echo (no topic) or a topic route.
+    Topic(Option<Arc<str>>),
+    /// Relayed to a connected upstream (proxy routes).
+    Upstream(proxy::Upstream),
+}
+
 /// Phase 1. On success the connection holds a `max_connections` slot; returned are the index
-/// of its route, its topic (topic routes only) and any bytes the client sent after the request.
+/// of its route, where it goes, and any bytes the client sent after the request.
 async fn handshake(
     ctx: &ShardCtx,
     shared: &Arc<ListenerShared>,
     stream: &TcpStream,
-) -> Option<(usize, Option<Arc<str>>, BytesMut)> {
+    peer: SocketAddr,
+) -> Option<(usize, Target, BytesMut)> {
     let cfg = &shared.cfg;
     let limits = HandshakeLimits {
         max_request_bytes: cfg.max_handshake_bytes,
@@ -209,20 +227,33 @@ async fn handshake(
         respond_and_close(stream, out).await;
         return None;
     }
-    write_response_101(
-        &req.key,
-        route.select_subprotocol(&req.protocols),
-        &[],
-        &mut out,
-    );
+    let mut target = Target::Topic((route.kind != RouteKind::Echo).then(|| Arc::from(topic)));
+    let mut protocol = route.select_subprotocol(&req.protocols).map(str::to_string);
+    if let Some(t) = &route.proxy {
+        match proxy::connect(t, peer.ip(), &req).await {
+            Ok(up) => {
+                protocol = up.protocol.clone();
+                target = Target::Upstream(up);
+            }
+            Err(e) => {
+                debug!(shard = ctx.id, upstream = %t.url, error = %e, "upstream unavailable");
+                shared.open.fetch_sub(1, Ordering::Relaxed);
+                ctx.metrics
+                    .on_handshake_failure(HandshakeFailure::BadGateway);
+                write_error_response(502, "upstream unavailable", &[], &mut out);
+                respond_and_close(stream, out).await;
+                return None;
+            }
+        }
+    }
+    write_response_101(&req.key, protocol.as_deref(), &[], &mut out);
     let mut w = stream;
     if w.write_all(out).await.0.is_err() {
         shared.open.fetch_sub(1, Ordering::Relaxed);
         ctx.metrics.on_handshake_failure(HandshakeFailure::Io);
         return None;
     }
-    let topic = (route.kind != RouteKind::Echo).then(|| Arc::from(topic));
-    Some((route_idx, topic, rest))
+    Some((route_idx, target, rest))
 }
 
 /// Write a final response, send FIN, and let the peer read it before the socket closes

@@ -13,6 +13,7 @@
 
 mod accept;
 mod driver;
+mod proxy;
 mod signal;
 
 use std::net::{SocketAddr, TcpListener as StdListener};

@@ -249,11 +249,18 @@ impl Client {
                     let _ = buf.split_to(consumed);
                     let mut conn = Conn::new(Role::Client, Limits::default());
                     conn.set_mask_seed(u64::from_le_bytes(rand_bytes()[..8].try_into().unwrap()));
-                    let client = Self {
+                    let mut client = Self {
                         stream,
                         conn,
                         rbuf: buf,
                     };
+                    // Frames that arrived together with the 101.
+                    if !client.rbuf.is_empty() {
+                        client
+                            .conn
+                            .handle_input(&mut client.rbuf)
+                            .expect("server sent valid frames");
+                    }
                     return Ok((client, resp.protocol));
                 }
                 Err(_) => {

@@ -1,0 +1,176 @@
+//! Upstream WebSocket endpoints: URL parsing and the upgrade request wsedge sends as a client.
+//!
+//! Runtime-free like [`crate::proto`]: the shard runtime connects the socket and uses these to
+//! build and check the handshake. Used by the `proxy` route; the same pieces will serve
+//! upstream sources and sinks.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+
+use crate::proto::handshake::write_client_request;
+
+/// A parsed `ws://host[:port][/path]` URL, resolved once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsUrl {
+    /// `Host` header value (`host` or `host:port` as written).
+    pub host: String,
+    /// Request target (path and query), at least `/`.
+    pub path: String,
+    /// Address the host resolved to when the configuration was loaded.
+    pub addr: SocketAddr,
+}
+
+impl WsUrl {
+    /// Parse and resolve. `wss://` is refused until upstream TLS exists (issue 6).
+    ///
+    /// # Errors
+    /// A message naming what is wrong: scheme, empty host, bad port, resolution failure.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let rest = match url.split_once("://") {
+            Some(("ws", rest)) => rest,
+            Some(("wss", _)) => {
+                return Err("wss:// upstreams are not supported yet (TLS is issue 6)".into());
+            }
+            _ => return Err(format!("`{url}` is not a ws:// URL")),
+        };
+        let (hostport, path) = match rest.find(['/', '?']) {
+            Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
+            Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
+            None => (rest, "/".to_string()),
+        };
+        if hostport.is_empty() || hostport.contains('@') {
+            return Err(format!("`{url}` has no usable host"));
+        }
+        // `[v6]:port`, `[v6]`, `host:port`, `host`.
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) if !p.contains(']') => {
+                let port: u16 = p
+                    .parse()
+                    .map_err(|_| format!("`{p}` is not a port number"))?;
+                (h, port)
+            }
+            _ => (hostport, 80),
+        };
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let addr = (bare, port)
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve `{bare}`: {e}"))?
+            .next()
+            .ok_or_else(|| format!("`{bare}` resolves to no address"))?;
+        Ok(Self {
+            host: hostport.to_string(),
+            path,
+            addr,
+        })
+    }
+}
+
+impl fmt::Display for WsUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ws://{}{}", self.host, self.path)
+    }
+}
+
+/// What the client's request contributes to the upstream request.
+pub struct Forwarding<'a> {
+    /// The client's address.
+    pub peer: IpAddr,
+    /// The client's own `X-Forwarded-For`, if any (we append to it).
+    pub x_forwarded_for: Option<&'a str>,
+    /// The client's `Origin`, passed through.
+    pub origin: Option<&'a str>,
+    /// Subprotocols the client offered, offered to the upstream in the same order.
+    pub protocols: &'a [String],
+}
+
+/// Write the upgrade request for `url`: configured headers, `X-Forwarded-For` (appended),
+/// `Forwarded` (RFC 7239), the client's `Origin` and subprotocol offers.
+pub fn write_request(
+    url: &WsUrl,
+    key: &str,
+    headers: &[(String, String)],
+    fwd: &Forwarding<'_>,
+    out: &mut Vec<u8>,
+) {
+    let xff = match fwd.x_forwarded_for {
+        Some(prev) if !prev.is_empty() => format!("{prev}, {}", fwd.peer),
+        _ => fwd.peer.to_string(),
+    };
+    let forwarded = match fwd.peer {
+        IpAddr::V4(ip) => format!("for={ip};proto=ws"),
+        IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto=ws"),
+    };
+    let mut extra: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    extra.push(("X-Forwarded-For", &xff));
+    extra.push(("Forwarded", &forwarded));
+    if let Some(o) = fwd.origin {
+        extra.push(("Origin", o));
+    }
+    let protocols: Vec<&str> = fwd.protocols.iter().map(String::as_str).collect();
+    write_client_request(&url.host, &url.path, key, &protocols, &extra, out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls() {
+        let u = WsUrl::parse("ws://127.0.0.1:9001/feed?x=1").unwrap();
+        assert_eq!(u.addr, "127.0.0.1:9001".parse().unwrap());
+        assert_eq!(
+            (u.host.as_str(), u.path.as_str()),
+            ("127.0.0.1:9001", "/feed?x=1")
+        );
+        let u = WsUrl::parse("ws://localhost").unwrap();
+        assert_eq!((u.addr.port(), u.path.as_str()), (80, "/"));
+        let u = WsUrl::parse("ws://[::1]:81?q").unwrap();
+        assert_eq!(
+            (u.addr, u.path.as_str()),
+            ("[::1]:81".parse().unwrap(), "/?q")
+        );
+        assert_eq!(u.to_string(), "ws://[::1]:81/?q");
+        for bad in [
+            "http://x/",
+            "ws://",
+            "ws://h:99999/",
+            "wss://x/",
+            "ws://u@h/",
+        ] {
+            assert!(WsUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn request_carries_forwarding_and_headers() {
+        let u = WsUrl::parse("ws://127.0.0.1:9/up").unwrap();
+        let mut out = Vec::new();
+        let protocols = vec!["v1".to_string()];
+        write_request(
+            &u,
+            "dGhlIHNhbXBsZSBub25jZQ==",
+            &[("X-Api-Key".into(), "k".into())],
+            &Forwarding {
+                peer: "10.0.0.7".parse().unwrap(),
+                x_forwarded_for: Some("1.2.3.4"),
+                origin: Some("https://a.example"),
+                protocols: &protocols,
+            },
+            &mut out,
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("GET /up HTTP/1.1\r\nHost: 127.0.0.1:9\r\n"));
+        for h in [
+            "X-Api-Key: k\r\n",
+            "X-Forwarded-For: 1.2.3.4, 10.0.0.7\r\n",
+            "Forwarded: for=10.0.0.7;proto=ws\r\n",
+            "Origin: https://a.example\r\n",
+            "Sec-WebSocket-Protocol: v1\r\n",
+        ] {
+            assert!(text.contains(h), "{h} in {text}");
+        }
+    }
+}

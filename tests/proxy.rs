@@ -1,0 +1,233 @@
+//! Proxy routes over real sockets on both backends: wsedge in front of a real upstream (a
+//! second wsedge, or a small scripted upstream built on the protocol core where the test must
+//! see what the proxy sent), checking relaying, subprotocols, forwarding headers, close codes
+//! both ways, 502 for unreachable or silent upstreams, and end-to-end backpressure.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use common::{Client, Refused, TestServer, start};
+use wsedge::config::IoMode;
+use wsedge::metrics::HandshakeFailure;
+use wsedge::proto::handshake::{HandshakeLimits, parse_request, write_response_101};
+use wsedge::proto::{CloseCode, Conn, Event, Limits, MessageKind, Role};
+
+fn proxy_to(io: IoMode, upstream: &str, extra: &str) -> TestServer {
+    start(
+        io,
+        2,
+        &format!(
+            "close_timeout_ms = 1000\n[[listener.route]]\npath = \"/p\"\nkind = \"proxy\"\n\
+             upstream = \"{upstream}\"\nheaders = {{ \"X-Api-Key\" = \"k-123\" }}\n{extra}\n"
+        ),
+    )
+}
+
+fn echo_through_a_real_upstream(io: IoMode) {
+    let up = start(io, 1, "");
+    let srv = proxy_to(io, &format!("ws://{}/echo", up.addr), "");
+    let (mut c, proto) = Client::try_connect_with(srv.addr, "/p", &["v1.wsedge"]).unwrap();
+    assert_eq!(
+        proto.as_deref(),
+        Some("v1.wsedge"),
+        "upstream's choice passed back"
+    );
+    c.send_text("hello");
+    assert_eq!(c.recv(), (MessageKind::Text, b"hello".to_vec()));
+    let big: Vec<u8> = (0..1_000_000u32).map(|i| i as u8).collect();
+    c.send_binary(&big);
+    assert_eq!(c.recv(), (MessageKind::Binary, big));
+    for i in 0..200 {
+        c.send_text(&i.to_string());
+    }
+    for i in 0..200 {
+        assert_eq!(c.recv().1, i.to_string().into_bytes(), "in order");
+    }
+    c.conn.close(CloseCode::NORMAL, "done").unwrap();
+    c.flush();
+    assert_eq!(c.expect_close(), Some(CloseCode::NORMAL));
+    let t = up.wait_for("upstream saw the close", |t| t.closes(1000) == 1);
+    assert_eq!(t.messages_in, 202);
+    srv.wait_for("proxy saw the close", |t| t.closes(1000) == 1);
+}
+
+/// A scripted upstream: accepts connections on its own thread; for each, sends the request
+/// headers it received as a text message, then follows `script`.
+#[derive(Clone, Copy)]
+enum Script {
+    /// Wait for the client's close frame, report its code, answer it.
+    ReportClientClose,
+    /// Close at once with 4001 "bye".
+    CloseWith4001,
+    /// Read nothing ever (backpressure).
+    NeverRead,
+}
+
+fn scripted_upstream(scripts: Vec<Script>) -> (SocketAddr, mpsc::Receiver<Option<u16>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for script in scripts {
+            let (mut s, _) = l.accept().unwrap();
+            let tx = tx.clone();
+            std::thread::spawn(move || serve_scripted(&mut s, script, &tx));
+        }
+    });
+    (addr, rx)
+}
+
+fn serve_scripted(s: &mut TcpStream, script: Script, tx: &mpsc::Sender<Option<u16>>) {
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; 4096];
+    let req = loop {
+        let n = s.read(&mut chunk).unwrap();
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some((req, used)) = parse_request(&buf, &HandshakeLimits::default()).unwrap() {
+            let _ = buf.split_to(used);
+            break req;
+        }
+    };
+    let mut out = Vec::new();
+    write_response_101(&req.key, None, &[], &mut out);
+    let mut conn = Conn::new(Role::Server, Limits::default());
+    let headers: Vec<String> = req
+        .headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect();
+    conn.send(MessageKind::Text, headers.join("\n").as_bytes())
+        .unwrap();
+    if let Script::CloseWith4001 = script {
+        conn.close(CloseCode(4001), "bye").unwrap();
+    }
+    conn.poll_transmit(&mut out);
+    s.write_all(&out).unwrap();
+    match script {
+        Script::NeverRead => std::thread::sleep(Duration::from_secs(30)),
+        Script::CloseWith4001 | Script::ReportClientClose => loop {
+            let n = s.read(&mut chunk).unwrap_or(0);
+            if n == 0 {
+                let _ = tx.send(None);
+                return;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let _ = conn.handle_input(&mut buf);
+            while let Some(ev) = conn.poll_event() {
+                if let Event::Close { code, .. } = ev {
+                    let mut out = Vec::new();
+                    conn.poll_transmit(&mut out);
+                    let _ = s.write_all(&out);
+                    let _ = tx.send(code.map(|c| c.0));
+                    return;
+                }
+            }
+        },
+    }
+}
+
+fn forwarding_headers_and_close_codes_both_ways(io: IoMode) {
+    let (up, codes) = scripted_upstream(vec![Script::ReportClientClose, Script::CloseWith4001]);
+    let srv = proxy_to(io, &format!("ws://{up}/feed?x=1"), "");
+
+    // Client-initiated close: the upstream sees the client's code.
+    let mut c = Client::connect(srv.addr, "/p");
+    let (_, headers) = c.recv();
+    let headers = String::from_utf8(headers).unwrap();
+    for h in [
+        "x-api-key: k-123",
+        "x-forwarded-for: 127.0.0.1",
+        "forwarded: for=127.0.0.1;proto=ws",
+        &format!("host: {up}"),
+    ] {
+        assert!(headers.contains(h), "`{h}` missing from:\n{headers}");
+    }
+    c.conn.close(CloseCode(4321), "client done").unwrap();
+    c.flush();
+    assert_eq!(
+        codes.recv_timeout(common::READ_TIMEOUT).unwrap(),
+        Some(4321)
+    );
+    assert_eq!(c.expect_close(), Some(CloseCode(4321)));
+
+    // Upstream-initiated close: the client sees the upstream's code.
+    let mut c = Client::connect(srv.addr, "/p");
+    let _ = c.recv();
+    assert_eq!(c.expect_close(), Some(CloseCode(4001)));
+    let t = srv.wait_for("both closes counted", |t| t.connections_open == 0);
+    assert_eq!(t.closes(4321) + t.closes(4001), 2, "{:?}", t.closes);
+}
+
+fn unreachable_or_silent_upstream_gets_502(io: IoMode) {
+    // Nothing listens on a port we just released.
+    let free = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let srv = proxy_to(io, &format!("ws://{free}/"), "");
+    match Client::try_connect(srv.addr, "/p") {
+        Err(Refused::Status(502, _)) => {}
+        other => panic!("expected 502, got {:?}", other.map(|_| ())),
+    }
+    // Accepts TCP, never answers the upgrade: the connect timeout applies.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let srv2 = proxy_to(
+        io,
+        &format!("ws://{}/", silent.local_addr().unwrap()),
+        "connect_timeout_ms = 300",
+    );
+    match Client::try_connect(srv2.addr, "/p") {
+        Err(Refused::Status(502, _)) => {}
+        other => panic!("expected 502, got {:?}", other.map(|_| ())),
+    }
+    for s in [&srv, &srv2] {
+        let t = s.totals();
+        assert_eq!(t.handshake_failures(HandshakeFailure::BadGateway), 1);
+        assert_eq!(t.connections_open, 0, "the capacity slot was given back");
+    }
+}
+
+fn a_stalled_upstream_stops_the_client_flow(io: IoMode) {
+    let (up, _codes) = scripted_upstream(vec![Script::NeverRead]);
+    let srv = proxy_to(io, &format!("ws://{up}/"), "");
+    let mut c = Client::connect(srv.addr, "/p");
+    let _ = c.recv();
+    c.stream
+        .set_write_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    // If the proxy kept reading while it cannot write, the client could write forever. It must
+    // stall after the kernel buffers on both hops and one queue of max_pending_write_bytes.
+    let msg = vec![0u8; 1 << 20];
+    let mut written = 0usize;
+    let limit = 64 << 20;
+    while written < limit {
+        c.conn.send(MessageKind::Binary, &msg).unwrap();
+        let mut out = Vec::new();
+        c.conn.poll_transmit(&mut out);
+        match c.stream.write(&out) {
+            Ok(n) if n == out.len() => written += n,
+            Ok(n) => {
+                written += n;
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    eprintln!("stalled after {written} bytes");
+    assert!(
+        written < limit,
+        "the proxy buffered {written} bytes for a stalled upstream"
+    );
+}
+
+both_backends!(
+    echo_through_a_real_upstream,
+    forwarding_headers_and_close_codes_both_ways,
+    unreachable_or_silent_upstream_gets_502,
+    a_stalled_upstream_stops_the_client_flow,
+);
