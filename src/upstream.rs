@@ -79,37 +79,40 @@ pub struct Forwarding<'a> {
     pub x_forwarded_for: Option<&'a str>,
     /// The client's `Origin`, passed through.
     pub origin: Option<&'a str>,
-    /// Subprotocols the client offered, offered to the upstream in the same order.
-    pub protocols: &'a [String],
 }
 
-/// Write the upgrade request for `url`: configured headers, `X-Forwarded-For` (appended),
-/// `Forwarded` (RFC 7239), the client's `Origin` and subprotocol offers.
+/// Write the upgrade request for `url`: configured headers; when relaying a client (`fwd`),
+/// `X-Forwarded-For` (appended), `Forwarded` (RFC 7239) and the client's `Origin`; and the
+/// subprotocol offers.
 pub fn write_request(
     url: &WsUrl,
     key: &str,
     headers: &[(String, String)],
-    fwd: &Forwarding<'_>,
+    fwd: Option<&Forwarding<'_>>,
+    protocols: &[String],
     out: &mut Vec<u8>,
 ) {
-    let xff = match fwd.x_forwarded_for {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {}", fwd.peer),
-        _ => fwd.peer.to_string(),
-    };
-    let forwarded = match fwd.peer {
-        IpAddr::V4(ip) => format!("for={ip};proto=ws"),
-        IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto=ws"),
-    };
     let mut extra: Vec<(&str, &str)> = headers
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    extra.push(("X-Forwarded-For", &xff));
-    extra.push(("Forwarded", &forwarded));
-    if let Some(o) = fwd.origin {
-        extra.push(("Origin", o));
+    let (xff, forwarded);
+    if let Some(fwd) = fwd {
+        xff = match fwd.x_forwarded_for {
+            Some(prev) if !prev.is_empty() => format!("{prev}, {}", fwd.peer),
+            _ => fwd.peer.to_string(),
+        };
+        forwarded = match fwd.peer {
+            IpAddr::V4(ip) => format!("for={ip};proto=ws"),
+            IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto=ws"),
+        };
+        extra.push(("X-Forwarded-For", &xff));
+        extra.push(("Forwarded", &forwarded));
+        if let Some(o) = fwd.origin {
+            extra.push(("Origin", o));
+        }
     }
-    let protocols: Vec<&str> = fwd.protocols.iter().map(String::as_str).collect();
+    let protocols: Vec<&str> = protocols.iter().map(String::as_str).collect();
     write_client_request(&url.host, &url.path, key, &protocols, &extra, out);
 }
 
@@ -153,12 +156,12 @@ mod tests {
             &u,
             "dGhlIHNhbXBsZSBub25jZQ==",
             &[("X-Api-Key".into(), "k".into())],
-            &Forwarding {
+            Some(&Forwarding {
                 peer: "10.0.0.7".parse().unwrap(),
                 x_forwarded_for: Some("1.2.3.4"),
                 origin: Some("https://a.example"),
-                protocols: &protocols,
-            },
+            }),
+            &protocols,
             &mut out,
         );
         let text = String::from_utf8(out).unwrap();

@@ -79,6 +79,88 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// The admin listener, unless disabled.
     pub admin: Option<AdminConfig>,
+    /// Upstream streams published into topics (enabled ones only).
+    pub sources: Vec<SourceConfig>,
+}
+
+/// What a source accepts from its upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceFormat {
+    /// Text messages (UTF-8, validated by the protocol core); binary ones are invalid.
+    Text,
+    /// Binary messages; text ones are invalid.
+    Binary,
+    /// Text or binary messages that parse as one JSON value.
+    Json,
+}
+
+/// One `[[source]]`, validated.
+#[derive(Clone, PartialEq)]
+pub struct SourceConfig {
+    /// Name in logs and metrics (unique).
+    pub name: String,
+    /// Upstream URL, resolved when the configuration was loaded.
+    pub url: WsUrl,
+    /// Topic the messages are published to.
+    pub topic: String,
+    /// Headers added to the upgrade request (values may be secrets: never logged).
+    pub headers: Vec<(String, String)>,
+    /// Subprotocol asked for.
+    pub subprotocol: Option<String>,
+    /// Sent after every (re)connect.
+    pub subscribe: Vec<String>,
+    /// What counts as a valid message.
+    pub format: SourceFormat,
+    /// TCP connect + handshake deadline.
+    pub connect_timeout: Duration,
+    /// Ping period; `None` = no pings.
+    pub ping_interval: Option<Duration>,
+    /// Inbound silence (or missing heartbeat replies) after which the connection is dropped
+    /// and re-established; measured from the last ping or heartbeat sent.
+    pub pong_timeout: Duration,
+    /// Application heartbeat: (message, period, expected reply).
+    pub heartbeat: Option<(String, Duration, Option<String>)>,
+    /// Reconnect backoff.
+    pub backoff: Backoff,
+}
+
+impl fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("SourceConfig")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("topic", &self.topic)
+            .field("headers", &names)
+            .field("format", &self.format)
+            .field("backoff", &self.backoff)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Exponential backoff with full jitter: before attempt `n` (0-based count of consecutive
+/// failures) wait a uniformly random time in `0..=min(max, initial * multiplier^n)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    /// Cap of the first delay.
+    pub initial: Duration,
+    /// Largest cap.
+    pub max: Duration,
+    /// Growth of the cap per consecutive failure.
+    pub multiplier: f64,
+    /// Consecutive failures before giving up; `None` = never.
+    pub max_attempts: Option<u32>,
+}
+
+impl Backoff {
+    /// The delay cap before retry number `failures` (≥ 1).
+    pub fn cap(&self, failures: u32) -> Duration {
+        let exp = self
+            .multiplier
+            .powi(failures.saturating_sub(1).min(64) as i32);
+        let ms = (self.initial.as_millis() as f64 * exp).min(self.max.as_millis() as f64);
+        Duration::from_millis(ms as u64)
+    }
 }
 
 /// `[runtime]`, validated.
@@ -330,12 +412,121 @@ impl Config {
         } else {
             None
         };
+        let mut sources = Vec::new();
+        let mut source_names = HashSet::new();
+        for (i, r) in raw.source.iter().enumerate() {
+            let s = validate_source(i, r)?;
+            if !source_names.insert(s.name.clone()) {
+                return Err(ConfigError::new(
+                    format!("source[{i}].name"),
+                    format!("duplicate source name `{}`", s.name),
+                ));
+            }
+            if r.enabled {
+                sources.push(s);
+            }
+        }
         Ok(Self {
             runtime,
             listeners,
             admin,
+            sources,
         })
     }
+}
+
+fn validate_source(i: usize, r: &raw::RawSource) -> Result<SourceConfig, ConfigError> {
+    let p = |key: &str| format!("source[{i}].{key}");
+    let name = if r.name.is_empty() {
+        format!("source{i}")
+    } else {
+        r.name.clone()
+    };
+    let url = WsUrl::parse(&r.url).map_err(|e| ConfigError::new(p("url"), e))?;
+    if r.topic.is_empty() || r.topic.len() > MAX_TOPIC_BYTES {
+        return Err(ConfigError::new(
+            p("topic"),
+            format!("a topic of 1..={MAX_TOPIC_BYTES} bytes is required"),
+        ));
+    }
+    let format = match r.format.as_str() {
+        "text" => SourceFormat::Text,
+        "binary" => SourceFormat::Binary,
+        "json" => SourceFormat::Json,
+        other => {
+            return Err(ConfigError::new(
+                p("format"),
+                format!("unknown format `{other}` (expected text, binary or json)"),
+            ));
+        }
+    };
+    let subprotocol = match r.subprotocol.as_str() {
+        "" => None,
+        t if is_token(t) => Some(t.to_string()),
+        t => {
+            return Err(ConfigError::new(
+                p("subprotocol"),
+                format!("`{t}` is not a valid subprotocol token"),
+            ));
+        }
+    };
+    let heartbeat = if r.heartbeat_message.is_empty() {
+        if !r.heartbeat_expect.is_empty() {
+            return Err(ConfigError::new(
+                p("heartbeat_expect"),
+                "needs heartbeat_message",
+            ));
+        }
+        None
+    } else {
+        Some((
+            r.heartbeat_message.clone(),
+            positive_ms(r.heartbeat_interval_ms, &p("heartbeat_interval_ms"))?,
+            (!r.heartbeat_expect.is_empty()).then(|| r.heartbeat_expect.clone()),
+        ))
+    };
+    if !(r.reconnect_multiplier >= 1.0 && r.reconnect_multiplier <= 100.0) {
+        return Err(ConfigError::new(
+            p("reconnect_multiplier"),
+            "must be in 1.0..=100.0",
+        ));
+    }
+    let max_attempts = match r.reconnect_max_attempts {
+        -1 => None,
+        n if n >= 1 && n <= i64::from(u32::MAX) => Some(n as u32),
+        _ => {
+            return Err(ConfigError::new(
+                p("reconnect_max_attempts"),
+                "must be -1 (forever) or at least 1",
+            ));
+        }
+    };
+    let backoff = Backoff {
+        initial: positive_ms(r.reconnect_initial_ms, &p("reconnect_initial_ms"))?,
+        max: positive_ms(r.reconnect_max_ms, &p("reconnect_max_ms"))?,
+        multiplier: r.reconnect_multiplier,
+        max_attempts,
+    };
+    if backoff.initial > backoff.max {
+        return Err(ConfigError::new(
+            p("reconnect_initial_ms"),
+            "must not exceed reconnect_max_ms",
+        ));
+    }
+    Ok(SourceConfig {
+        name,
+        url,
+        topic: r.topic.clone(),
+        headers: validate_headers(&r.headers, &p("headers"))?,
+        subprotocol,
+        subscribe: r.subscribe.clone(),
+        format,
+        connect_timeout: positive_ms(r.connect_timeout_ms, &p("connect_timeout_ms"))?,
+        ping_interval: (r.ping_interval_ms > 0).then(|| Duration::from_millis(r.ping_interval_ms)),
+        pong_timeout: positive_ms(r.pong_timeout_ms, &p("pong_timeout_ms"))?,
+        heartbeat,
+        backoff,
+    })
 }
 
 fn validate_listener(i: usize, l: &raw::RawListener) -> Result<ListenerConfig, ConfigError> {
@@ -504,6 +695,46 @@ fn is_token(s: &str) -> bool {
             .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
 }
 
+/// Extra request headers: valid names, not the handshake's own, values without line breaks.
+fn validate_headers(
+    map: &std::collections::BTreeMap<String, String>,
+    path: &str,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut headers = Vec::new();
+    for (k, v) in map {
+        if !is_token(k) {
+            return Err(ConfigError::new(
+                path,
+                format!("`{k}` is not a valid header name"),
+            ));
+        }
+        let reserved = [
+            "host",
+            "upgrade",
+            "connection",
+            "sec-websocket-key",
+            "sec-websocket-version",
+            "sec-websocket-protocol",
+            "sec-websocket-extensions",
+        ];
+        if reserved.contains(&k.to_ascii_lowercase().as_str()) {
+            return Err(ConfigError::new(
+                path,
+                format!("`{k}` is set by wsedge itself"),
+            ));
+        }
+        if v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+            // The value is not shown: it may be a secret.
+            return Err(ConfigError::new(
+                path,
+                format!("the value of `{k}` contains a line break or NUL"),
+            ));
+        }
+        headers.push((k.clone(), v.clone()));
+    }
+    Ok(headers)
+}
+
 /// The proxy keys of a route: required on proxy routes, refused elsewhere.
 fn proxy_target(
     r: &raw::RawRoute,
@@ -535,38 +766,10 @@ fn proxy_target(
     if ms == 0 {
         return Err(ConfigError::new(rp("connect_timeout_ms"), "must be > 0"));
     }
-    let mut headers = Vec::new();
-    for (k, v) in r.headers.iter().flatten() {
-        if !is_token(k) {
-            return Err(ConfigError::new(
-                rp("headers"),
-                format!("`{k}` is not a valid header name"),
-            ));
-        }
-        let reserved = [
-            "host",
-            "upgrade",
-            "connection",
-            "sec-websocket-key",
-            "sec-websocket-version",
-            "sec-websocket-protocol",
-            "sec-websocket-extensions",
-        ];
-        if reserved.contains(&k.to_ascii_lowercase().as_str()) {
-            return Err(ConfigError::new(
-                rp("headers"),
-                format!("`{k}` is set by the proxy itself"),
-            ));
-        }
-        if v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-            // The value is not shown: it may be a secret.
-            return Err(ConfigError::new(
-                rp("headers"),
-                format!("the value of `{k}` contains a line break or NUL"),
-            ));
-        }
-        headers.push((k.clone(), v.clone()));
-    }
+    let headers = match &r.headers {
+        Some(h) => validate_headers(h, &rp("headers"))?,
+        None => Vec::new(),
+    };
     Ok(Some(ProxyTarget {
         url,
         headers,
@@ -679,6 +882,23 @@ mod tests {
             format!("{:?}", file.admin),
             format!("{:?}", raw::RawAdmin::default())
         );
+        // The example source shows the defaults of every key but its identity.
+        let src = &file.source[0];
+        assert_eq!(
+            format!(
+                "{:?}",
+                raw::RawSource {
+                    name: String::new(),
+                    enabled: true,
+                    url: String::new(),
+                    topic: String::new(),
+                    subscribe: vec![],
+                    ..src.clone()
+                }
+            ),
+            format!("{:?}", raw::RawSource::default())
+        );
+        assert!(c.sources.is_empty(), "the example source is disabled");
     }
 
     /// Dotted key paths of a TOML document (array-of-tables flattened, indices dropped).
@@ -732,6 +952,7 @@ mod tests {
             }],
             ..Default::default()
         });
+        raw.source.push(raw::RawSource::default());
         keys(&toml::Value::try_from(&raw).unwrap(), "", &mut from_types);
         let mut from_default = Default::default();
         keys(
@@ -833,7 +1054,7 @@ mod tests {
             (
                 "path='/p'\nkind='proxy'\nupstream='ws://127.0.0.1:1/'\nheaders={Host='x'}",
                 "headers",
-                "proxy itself",
+                "wsedge itself",
             ),
             (
                 "path='/p'\nkind='proxy'\nupstream='ws://127.0.0.1:1/'\nheaders={'a b'='x'}",
@@ -853,6 +1074,65 @@ mod tests {
         ] {
             let e = route(extra).unwrap_err();
             assert_eq!(e.path, format!("listener[0].route[0].{path}"), "{extra}");
+            assert!(e.message.contains(words), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn sources_are_checked() {
+        let src = |extra: &str| {
+            Config::parse(&format!(
+                "[[listener]]\nbind='127.0.0.1:1'\n[[listener.route]]\npath='/e'\nkind='echo'\n\
+                 [[source]]\n{extra}\n"
+            ))
+        };
+        let ok = src("url='ws://127.0.0.1:9/x'\ntopic='t'\nreconnect_max_attempts=5").unwrap();
+        let s = &ok.sources[0];
+        assert_eq!(
+            (s.name.as_str(), s.backoff.max_attempts),
+            ("source0", Some(5))
+        );
+        assert_eq!(s.backoff.cap(1), Duration::from_millis(500));
+        assert_eq!(s.backoff.cap(3), Duration::from_millis(2000));
+        assert_eq!(s.backoff.cap(40), Duration::from_secs(30), "capped at max");
+        let off = src("enabled=false\nurl='ws://127.0.0.1:9/'\ntopic='t'").unwrap();
+        assert!(off.sources.is_empty());
+        for (extra, key, words) in [
+            ("topic='t'", "url", "not a ws:// URL"),
+            ("url='ws://127.0.0.1:9/'", "topic", "required"),
+            (
+                "url='ws://127.0.0.1:9/'\ntopic='t'\nformat='xml'",
+                "format",
+                "json",
+            ),
+            (
+                "url='ws://127.0.0.1:9/'\ntopic='t'\nreconnect_multiplier=0.5",
+                "reconnect_multiplier",
+                "1.0",
+            ),
+            (
+                "url='ws://127.0.0.1:9/'\ntopic='t'\nreconnect_max_attempts=0",
+                "reconnect_max_attempts",
+                "-1",
+            ),
+            (
+                "url='ws://127.0.0.1:9/'\ntopic='t'\nheartbeat_expect='pong'",
+                "heartbeat_expect",
+                "heartbeat_message",
+            ),
+            (
+                "url='ws://127.0.0.1:9/'\ntopic='t'\nreconnect_initial_ms=5000\nreconnect_max_ms=10",
+                "reconnect_initial_ms",
+                "exceed",
+            ),
+            (
+                "url='ws://127.0.0.1:9/'\ntopic='t'\nheaders={Upgrade='x'}",
+                "headers",
+                "itself",
+            ),
+        ] {
+            let e = src(extra).unwrap_err();
+            assert_eq!(e.path, format!("source[0].{key}"), "{extra}");
             assert!(e.message.contains(words), "{extra}: {e}");
         }
     }

@@ -16,6 +16,8 @@ pub struct RawConfig {
     pub listener: Vec<RawListener>,
     /// `[admin]`: the admin HTTP listener.
     pub admin: RawAdmin,
+    /// `[[source]]`: upstream WebSocket streams published into topics.
+    pub source: Vec<RawSource>,
 }
 
 /// `[runtime]`.
@@ -144,6 +146,73 @@ impl Default for RawAdmin {
         Self {
             enabled: true,
             bind: "127.0.0.1:9090".into(),
+        }
+    }
+}
+
+/// `[[source]]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSource {
+    /// Name in logs and metric labels.
+    pub name: String,
+    /// Connect at startup.
+    pub enabled: bool,
+    /// `ws://` URL of the upstream.
+    pub url: String,
+    /// Topic every received message is published to.
+    pub topic: String,
+    /// Headers added to the upgrade request.
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Subprotocol to ask for ("" = none).
+    pub subprotocol: String,
+    /// Messages sent after every (re)connect, in order.
+    pub subscribe: Vec<String>,
+    /// `text`, `binary` or `json`.
+    pub format: String,
+    /// TCP connect + handshake deadline.
+    pub connect_timeout_ms: u64,
+    /// WebSocket ping period (0 = no pings).
+    pub ping_interval_ms: u64,
+    /// Silence after which the connection is considered dead.
+    pub pong_timeout_ms: u64,
+    /// Application-level heartbeat message ("" = none).
+    pub heartbeat_message: String,
+    /// Heartbeat period.
+    pub heartbeat_interval_ms: u64,
+    /// Reply that proves the heartbeat was answered ("" = any traffic counts).
+    pub heartbeat_expect: String,
+    /// First reconnect delay cap.
+    pub reconnect_initial_ms: u64,
+    /// Largest reconnect delay cap.
+    pub reconnect_max_ms: u64,
+    /// Growth of the delay cap per failed attempt.
+    pub reconnect_multiplier: f64,
+    /// Consecutive failed attempts before giving up; -1 = forever.
+    pub reconnect_max_attempts: i64,
+}
+
+impl Default for RawSource {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            enabled: true,
+            url: String::new(),
+            topic: String::new(),
+            headers: Default::default(),
+            subprotocol: String::new(),
+            subscribe: Vec::new(),
+            format: "text".into(),
+            connect_timeout_ms: 5_000,
+            ping_interval_ms: 20_000,
+            pong_timeout_ms: 10_000,
+            heartbeat_message: String::new(),
+            heartbeat_interval_ms: 30_000,
+            heartbeat_expect: String::new(),
+            reconnect_initial_ms: 500,
+            reconnect_max_ms: 30_000,
+            reconnect_multiplier: 2.0,
+            reconnect_max_attempts: -1,
         }
     }
 }

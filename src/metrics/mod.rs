@@ -168,6 +168,7 @@ impl ShardMetrics {
                 .collect(),
             closes,
             fanout: FanoutSnapshot::default(),
+            sources: Vec::new(),
         }
     }
 }
@@ -199,6 +200,31 @@ pub struct Snapshot {
     pub closes: Vec<(u16, u64)>,
     /// Broadcast fan-out counters.
     pub fanout: FanoutSnapshot,
+    /// Sources running on this shard.
+    pub sources: Vec<SourceSnapshot>,
+}
+
+/// State and counters of one source.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct SourceSnapshot {
+    /// Source name.
+    pub name: String,
+    /// Topic it publishes to.
+    pub topic: String,
+    /// `connecting`, `connected`, `backoff`, `failed` or `stopped`.
+    pub state: &'static str,
+    /// Successful connections (handshake completed).
+    pub connects: u64,
+    /// Connections that ended (each is followed by a reconnect unless failed or stopped).
+    pub disconnects: u64,
+    /// Valid messages received and published.
+    pub messages: u64,
+    /// Payload bytes of those messages.
+    pub bytes: u64,
+    /// Messages dropped for not matching the source's format.
+    pub invalid: u64,
+    /// Why the last connection or attempt ended ("" if none has).
+    pub last_error: String,
 }
 
 impl Snapshot {
@@ -226,6 +252,8 @@ impl Snapshot {
         }
         self.closes.sort_unstable();
         self.fanout.merge(&other.fanout);
+        self.sources.extend(other.sources.iter().cloned());
+        self.sources.sort_by(|a, b| a.name.cmp(&b.name));
     }
 
     /// Handshake failures with this reason.
@@ -447,6 +475,61 @@ pub fn render_prometheus(info: &Info, snaps: &[Snapshot]) -> String {
         "Messages not delivered to a subscriber, by route and lag policy (slow_consumer_close counts closes).",
         &drops,
     );
+    type SourceField = fn(&SourceSnapshot) -> u64;
+    let per_source: [(&str, &str, &str, SourceField); 7] = [
+        (
+            "wsedge_source_up",
+            "gauge",
+            "1 while the source is connected.",
+            |s| u64::from(s.state == "connected"),
+        ),
+        (
+            "wsedge_source_failed",
+            "gauge",
+            "1 once the source gave up (reconnect_max_attempts).",
+            |s| u64::from(s.state == "failed"),
+        ),
+        (
+            "wsedge_source_connects_total",
+            "counter",
+            "Upstream connections established.",
+            |s| s.connects,
+        ),
+        (
+            "wsedge_source_disconnects_total",
+            "counter",
+            "Upstream connections that ended.",
+            |s| s.disconnects,
+        ),
+        (
+            "wsedge_source_messages_total",
+            "counter",
+            "Messages received and published.",
+            |s| s.messages,
+        ),
+        (
+            "wsedge_source_bytes_total",
+            "counter",
+            "Payload bytes received and published.",
+            |s| s.bytes,
+        ),
+        (
+            "wsedge_source_invalid_total",
+            "counter",
+            "Messages dropped for not matching the format.",
+            |s| s.invalid,
+        ),
+    ];
+    if !t.sources.is_empty() {
+        for (name, kind, help, get) in per_source {
+            let series: Vec<_> = t
+                .sources
+                .iter()
+                .map(|s| (format!("{{source=\"{}\"}}", escape_label(&s.name)), get(s)))
+                .collect();
+            metric(name, kind, help, &series);
+        }
+    }
     let closes: Vec<_> = t
         .closes
         .iter()

@@ -166,7 +166,7 @@ enum Target {
     /// Served here: echo (no topic) or a topic route.
     Topic(Option<Arc<str>>),
     /// Relayed to a connected upstream (proxy routes).
-    Upstream(proxy::Upstream),
+    Upstream(super::client::Upstream),
 }
 
 /// Phase 1. On success the connection holds a `max_connections` slot; returned are the index
@@ -421,10 +421,7 @@ fn websocket<'a>(
                                     metrics.on_message_out(data.len());
                                 }
                                 (RouteKind::Publish | RouteKind::PubSub, Some(t)) => {
-                                    let frame = fanout::encode(kind, &data);
-                                    ctx.hub.note_published();
-                                    ctx.hub.publish(t, &frame);
-                                    ctx.link.stage(t, &frame);
+                                    ctx.publish(t, kind, &data);
                                 }
                                 // Subscribers' own messages are not routed anywhere.
                                 _ => {}

@@ -12,9 +12,11 @@
 //! keepalive, backpressure and the close handshake, until the connection ends.
 
 mod accept;
+mod client;
 mod driver;
 mod proxy;
 mod signal;
+mod source;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::num::NonZeroUsize;
@@ -31,7 +33,7 @@ use tracing::{info, warn};
 
 use bytes::Bytes;
 
-use crate::config::{Config, IoMode, ListenerConfig};
+use crate::config::{Config, IoMode, ListenerConfig, SourceConfig};
 use crate::fanout::{self, Hub, mesh};
 use crate::metrics::{Info, ShardMetrics, Snapshot};
 use crate::proto::MessageKind;
@@ -222,12 +224,24 @@ pub(crate) struct ShardCtx {
     pub(crate) link: mesh::Link,
     /// Per listener, per route: the route path as a metric label.
     pub(crate) route_labels: Vec<Vec<Rc<str>>>,
+    /// The sources running on this shard.
+    pub(crate) sources: Vec<Rc<source::SourceStats>>,
 }
 
 impl ShardCtx {
+    /// Publish a message to `topic`: frame it once, queue it for this shard's subscribers,
+    /// stage it for the other shards (sent at the caller's next `link.flush()`).
+    pub(crate) fn publish(&self, topic: &Arc<str>, kind: MessageKind, payload: &[u8]) {
+        let frame = fanout::encode(kind, payload);
+        self.hub.note_published();
+        self.hub.publish(topic, &frame);
+        self.link.stage(topic, &frame);
+    }
+
     fn snapshot(&self) -> Snapshot {
         let mut s = self.metrics.snapshot(self.id);
         s.fanout = self.hub.snapshot();
+        s.sources = self.sources.iter().map(|x| x.snapshot()).collect();
         (
             s.fanout.ring_batches_out,
             s.fanout.ring_batches_in,
@@ -298,6 +312,13 @@ impl Server {
                 cfg.runtime.drain_timeout,
                 // Invariant: `build(shards)` made one link per shard.
                 links.next().expect("one link per shard"),
+                // Source i runs on shard i mod shards.
+                cfg.sources
+                    .iter()
+                    .skip(id)
+                    .step_by(shards)
+                    .cloned()
+                    .collect(),
             );
             let ready = ready_tx.clone();
             let t = std::thread::Builder::new()
@@ -445,11 +466,12 @@ type CtxParts = (
     Duration,
     Duration,
     mesh::Link,
+    Vec<SourceConfig>,
 );
 
 fn run_shard(
     backend: Backend,
-    (id, listeners, drain_window, drain_timeout, link): CtxParts,
+    (id, listeners, drain_window, drain_timeout, link, sources): CtxParts,
     sockets: Vec<StdListener>,
     control: async_channel::Receiver<Control>,
     ready: mpsc::Sender<Result<usize, (usize, String)>>,
@@ -490,6 +512,10 @@ fn run_shard(
         hub: Hub::default(),
         link,
         route_labels,
+        sources: sources
+            .iter()
+            .map(|s| Rc::new(source::SourceStats::new(s)))
+            .collect(),
     });
     rt.block_on(async move {
         let mut accepts = Vec::with_capacity(sockets.len());
@@ -534,6 +560,12 @@ fn run_shard(
             })
         });
 
+        let source_tasks: Vec<_> = sources
+            .into_iter()
+            .zip(ctx.sources.clone())
+            .map(|(cfg, stats)| compio::runtime::spawn(source::run(ctx.clone(), cfg, stats)))
+            .collect();
+
         // Serve control requests until told to drain (or the server handle is gone).
         while let Ok(cmd) = control.recv().await {
             match cmd {
@@ -554,6 +586,15 @@ fn run_shard(
                 compio::time::timeout(Duration::from_millis(10), control.recv()).await
             {
                 serve_control(&ctx, cmd);
+            }
+        }
+        // Sources closed their upstreams with 1001 when the drain was raised; give them the
+        // rest of the deadline, then cancel whatever is left.
+        for (t, stats) in source_tasks.into_iter().zip(&ctx.sources) {
+            // A source waiting to reconnect has nothing to close: cancel it at once.
+            if stats.connected() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let _ = compio::time::timeout(left, t).await;
             }
         }
         if ctx.live.get() > 0 {

@@ -16,228 +16,45 @@
 
 use std::net::IpAddr;
 use std::pin::pin;
-use std::time::Duration;
 
 use bytes::BytesMut;
 use compio::BufResult;
-use compio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use compio::io::AsyncWrite;
 use compio::net::TcpStream;
-use futures_util::future::{Fuse, FusedFuture, FutureExt, LocalBoxFuture};
+use futures_util::future::{Fuse, FusedFuture, FutureExt};
 use futures_util::select_biased;
 use tracing::debug;
 
+use super::client::{self, Side, Upstream, UpstreamError, random_16};
 use super::{ListenerShared, ShardCtx};
 use crate::config::ProxyTarget;
-use crate::proto::handshake::{HandshakeLimits, generate_key, parse_response};
-use crate::proto::{CloseCode, Conn, Event, Limits, Role, State};
-use crate::upstream::{Forwarding, write_request};
+use crate::proto::{CloseCode, Conn, Event, Limits, Role, State, UpgradeRequest};
+use crate::upstream::Forwarding;
 
-/// An upstream connection whose handshake succeeded.
-pub(crate) struct Upstream {
-    stream: TcpStream,
-    /// Bytes the upstream sent after its 101.
-    rest: BytesMut,
-    /// The subprotocol the upstream selected (answered to the client).
-    pub(crate) protocol: Option<String>,
-}
-
-/// Why the upstream could not be reached; logged at debug and answered with 502.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum UpstreamError {
-    #[error("connect: {0}")]
-    Connect(std::io::Error),
-    #[error("timed out after {0:?}")]
-    Timeout(Duration),
-    #[error("closed during the handshake")]
-    Closed,
-    #[error("answered status {0}")]
-    Status(u16),
-    #[error("invalid handshake: {0}")]
-    Invalid(crate::proto::HandshakeError),
-}
-
-/// Connect to the upstream and complete its handshake within the route's connect timeout.
+/// Connect a proxy route's upstream for the client request `req` from `peer`.
 pub(crate) async fn connect(
     target: &ProxyTarget,
     peer: IpAddr,
-    req: &crate::proto::UpgradeRequest,
+    req: &UpgradeRequest,
 ) -> Result<Upstream, UpstreamError> {
-    let attempt = async {
-        let stream = TcpStream::connect(target.url.addr)
-            .await
-            .map_err(UpstreamError::Connect)?;
-        let _ = stream.set_nodelay(true);
-        let key = generate_key(random_16());
-        let header = |name: &str| {
-            req.headers
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v.as_str())
-        };
-        let mut out = Vec::with_capacity(512);
-        write_request(
-            &target.url,
-            &key,
-            &target.headers,
-            &Forwarding {
-                peer,
-                x_forwarded_for: header("x-forwarded-for"),
-                origin: req.origin.as_deref(),
-                protocols: &req.protocols,
-            },
-            &mut out,
-        );
-        let mut w = &stream;
-        w.write_all(out).await.0.map_err(UpstreamError::Connect)?;
-        let offered: Vec<&str> = req.protocols.iter().map(String::as_str).collect();
-        let limits = HandshakeLimits::default();
-        let mut buf = BytesMut::with_capacity(1024);
-        let mut r = &stream;
-        loop {
-            if buf.capacity() == buf.len() {
-                buf.reserve(1024);
-            }
-            let BufResult(res, b) = r.append(buf).await;
-            buf = b;
-            match res {
-                Ok(0) => return Err(UpstreamError::Closed),
-                Err(e) => return Err(UpstreamError::Connect(e)),
-                Ok(_) => {}
-            }
-            match parse_response(&buf, &key, &offered, &limits) {
-                Ok(None) => {}
-                Ok(Some((resp, consumed))) => {
-                    let _ = buf.split_to(consumed);
-                    return Ok(Upstream {
-                        stream,
-                        rest: buf,
-                        protocol: resp.protocol,
-                    });
-                }
-                Err(e) => {
-                    // A non-101 status is the common case: name it.
-                    let status = std::str::from_utf8(&buf)
-                        .ok()
-                        .and_then(|t| t.get(9..12))
-                        .and_then(|s| s.parse().ok());
-                    return Err(match status {
-                        Some(s) if s != 101 => UpstreamError::Status(s),
-                        _ => UpstreamError::Invalid(e),
-                    });
-                }
-            }
-        }
+    let xff = req
+        .headers
+        .iter()
+        .find(|(n, _)| n == "x-forwarded-for")
+        .map(|(_, v)| v.as_str());
+    let fwd = Forwarding {
+        peer,
+        x_forwarded_for: xff,
+        origin: req.origin.as_deref(),
     };
-    compio::time::timeout(target.connect_timeout, attempt)
-        .await
-        .unwrap_or(Err(UpstreamError::Timeout(target.connect_timeout)))
-}
-
-/// A mask seed / key source without a dependency: std's randomly keyed hasher.
-fn random_16() -> [u8; 16] {
-    use std::hash::{BuildHasher, Hasher};
-    let mut out = [0u8; 16];
-    for half in out.chunks_mut(8) {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(0);
-        half.copy_from_slice(&h.finish().to_le_bytes());
-    }
-    out
-}
-
-type ReadFut<'a> = Fuse<LocalBoxFuture<'a, BufResult<usize, BytesMut>>>;
-type WriteFut<'a> = Fuse<LocalBoxFuture<'a, BufResult<(), Vec<u8>>>>;
-
-/// One hop of the relay.
-struct Side<'a> {
-    stream: &'a TcpStream,
-    conn: Conn,
-    /// Read buffer, absent while a read is in flight.
-    rbuf: Option<BytesMut>,
-    /// Output buffer, absent while a write is in flight.
-    out: Option<Vec<u8>>,
-    pending_input: bool,
-    eof: bool,
-    failed: bool,
-    read: ReadFut<'a>,
-    write: WriteFut<'a>,
-}
-
-impl<'a> Side<'a> {
-    fn new(stream: &'a TcpStream, conn: Conn, rest: BytesMut) -> Self {
-        let pending_input = !rest.is_empty();
-        Self {
-            stream,
-            conn,
-            rbuf: Some(rest),
-            out: Some(Vec::new()),
-            pending_input,
-            eof: false,
-            failed: false,
-            read: Fuse::terminated(),
-            write: Fuse::terminated(),
-        }
-    }
-
-    fn done(&self) -> bool {
-        self.failed || matches!(self.conn.state(), State::Closed | State::Failed) || self.eof
-    }
-
-    /// Start a write if output is queued and none is in flight.
-    fn start_write(&mut self) {
-        if self.write.is_terminated() && self.conn.pending_transmit() > 0 && !self.failed {
-            // Invariant: `out` is only absent while a write is in flight.
-            let mut o = self.out.take().expect("out buffer present");
-            self.conn.poll_transmit(&mut o);
-            let mut s = self.stream;
-            self.write = async move { s.write_all(o).await }.boxed_local().fuse();
-        }
-    }
-
-    /// Start a read unless one is in flight, the side is finished, or `blocked`.
-    fn start_read(&mut self, blocked: bool) {
-        if self.read.is_terminated() && !blocked && !self.eof && !self.failed {
-            // Invariant: the buffer is ours whenever no read is in flight.
-            let mut buf = self.rbuf.take().expect("read buffer present");
-            let want = self.conn.bytes_needed().max(4096);
-            if buf.capacity() - buf.len() < want {
-                buf.reserve(want);
-            }
-            let mut s = self.stream;
-            self.read = async move {
-                use compio::buf::{IntoInner, IoBufMut};
-                s.read(IoBufMut::uninit(buf))
-                    .await
-                    .map_buffer(IntoInner::into_inner)
-            }
-            .boxed_local()
-            .fuse();
-        }
-    }
-
-    fn on_read(&mut self, res: std::io::Result<usize>, buf: BytesMut) {
-        match res {
-            Ok(0) => self.eof = true,
-            Ok(_) => self.pending_input = true,
-            Err(e) => {
-                debug!(error = %e, "proxy read failed");
-                self.failed = true;
-            }
-        }
-        self.rbuf = Some(buf);
-    }
-
-    fn on_write(&mut self, res: std::io::Result<()>, mut o: Vec<u8>) {
-        if let Err(e) = res {
-            debug!(error = %e, "proxy write failed");
-            self.failed = true;
-        }
-        o.clear();
-        if o.capacity() > 64 * 1024 {
-            o = Vec::new();
-        }
-        self.out = Some(o);
-    }
+    client::connect(
+        &target.url,
+        &target.headers,
+        Some(&fwd),
+        &req.protocols,
+        target.connect_timeout,
+    )
+    .await
 }
 
 /// Feed `from`'s input to its protocol core and pass messages and closes to `to`. Returns

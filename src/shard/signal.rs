@@ -135,6 +135,11 @@ impl Registry {
         }
     }
 
+    /// True once the shard is draining.
+    pub(crate) fn draining(&self) -> bool {
+        self.draining.get()
+    }
+
     /// Tell every connection to drain.
     pub(crate) fn drain(&self) {
         self.draining.set(true);

@@ -395,3 +395,90 @@ pub fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
     out
 }
+
+/// The server end of one WebSocket accepted by a test (a scripted upstream), on wsedge's
+/// protocol core in the server role. Pings are answered as they are read.
+pub struct Peer {
+    pub stream: TcpStream,
+    pub conn: Conn,
+    buf: BytesMut,
+    /// The upgrade request the peer received.
+    pub request: wsedge::proto::UpgradeRequest,
+}
+
+impl Peer {
+    /// Accept one connection on `l` and complete its handshake (101, no subprotocol).
+    pub fn accept(l: &std::net::TcpListener) -> Self {
+        use wsedge::proto::handshake::{parse_request, write_response_101};
+        let (mut stream, _) = l.accept().unwrap();
+        stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        let mut buf = BytesMut::new();
+        let mut chunk = [0u8; 4096];
+        let request = loop {
+            let n = stream.read(&mut chunk).unwrap();
+            assert!(n > 0, "client closed during the handshake");
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some((req, used)) = parse_request(&buf, &HandshakeLimits::default()).unwrap() {
+                let _ = buf.split_to(used);
+                break req;
+            }
+        };
+        let mut out = Vec::new();
+        write_response_101(&request.key, None, &[], &mut out);
+        stream.write_all(&out).unwrap();
+        let mut peer = Self {
+            stream,
+            conn: Conn::new(Role::Server, Limits::default()),
+            buf,
+            request,
+        };
+        if !peer.buf.is_empty() {
+            peer.conn.handle_input(&mut peer.buf).unwrap();
+        }
+        peer
+    }
+
+    /// Write what the protocol core has queued.
+    pub fn flush(&mut self) {
+        let mut out = Vec::new();
+        self.conn.poll_transmit(&mut out);
+        let _ = self.stream.write_all(&out);
+    }
+
+    /// Send a text message.
+    pub fn send_text(&mut self, s: &str) {
+        self.conn.send(MessageKind::Text, s.as_bytes()).unwrap();
+        self.flush();
+    }
+
+    /// Next event (pings answered on the way), or None when the connection ended.
+    pub fn next_event(&mut self) -> Option<Event> {
+        loop {
+            if let Some(ev) = self.conn.poll_event() {
+                self.flush();
+                return Some(ev);
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    if self.conn.handle_input(&mut self.buf).is_err() {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next text message, skipping control frames; None if the connection ended.
+    pub fn recv_text(&mut self) -> Option<String> {
+        loop {
+            match self.next_event()? {
+                Event::Message { data, .. } => return Some(String::from_utf8_lossy(&data).into()),
+                Event::Close { .. } => return None,
+                _ => {}
+            }
+        }
+    }
+}

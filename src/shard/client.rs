@@ -1,0 +1,211 @@
+//! The client side of WebSocket connections wsedge makes to upstreams (proxy routes,
+//! sources): TCP connect and upgrade under a deadline, and [`Side`], one WebSocket hop with
+//! its own protocol core, read and write buffers and in-flight operations, which the proxy
+//! relay and the source loop drive.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use compio::BufResult;
+use compio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use compio::net::TcpStream;
+use futures_util::future::{Fuse, FusedFuture, FutureExt, LocalBoxFuture};
+use tracing::debug;
+
+use crate::proto::handshake::{HandshakeLimits, generate_key, parse_response};
+use crate::proto::{Conn, State};
+use crate::upstream::{Forwarding, WsUrl, write_request};
+
+/// An upstream connection whose handshake succeeded.
+pub(crate) struct Upstream {
+    pub(crate) stream: TcpStream,
+    /// Bytes the upstream sent after its 101.
+    pub(crate) rest: BytesMut,
+    /// The subprotocol the upstream selected (answered to the client).
+    pub(crate) protocol: Option<String>,
+}
+
+/// Why an upstream could not be reached (proxy routes answer 502; sources retry).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UpstreamError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("closed during the handshake")]
+    Closed,
+    #[error("answered status {0}")]
+    Status(u16),
+    #[error("invalid handshake: {0}")]
+    Invalid(crate::proto::HandshakeError),
+}
+
+/// Connect to `url` and complete the WebSocket handshake within `timeout`: `headers`, then
+/// the proxy headers of `fwd` if any, offering `protocols`.
+pub(crate) async fn connect(
+    url: &WsUrl,
+    headers: &[(String, String)],
+    fwd: Option<&Forwarding<'_>>,
+    protocols: &[String],
+    timeout: Duration,
+) -> Result<Upstream, UpstreamError> {
+    let attempt = async {
+        let stream = TcpStream::connect(url.addr)
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        let key = generate_key(random_16());
+        let mut out = Vec::with_capacity(512);
+        write_request(url, &key, headers, fwd, protocols, &mut out);
+        let mut w = &stream;
+        w.write_all(out).await.0.map_err(UpstreamError::Connect)?;
+        let offered: Vec<&str> = protocols.iter().map(String::as_str).collect();
+        let limits = HandshakeLimits::default();
+        let mut buf = BytesMut::with_capacity(1024);
+        let mut r = &stream;
+        loop {
+            if buf.capacity() == buf.len() {
+                buf.reserve(1024);
+            }
+            let BufResult(res, b) = r.append(buf).await;
+            buf = b;
+            match res {
+                Ok(0) => return Err(UpstreamError::Closed),
+                Err(e) => return Err(UpstreamError::Connect(e)),
+                Ok(_) => {}
+            }
+            match parse_response(&buf, &key, &offered, &limits) {
+                Ok(None) => {}
+                Ok(Some((resp, consumed))) => {
+                    let _ = buf.split_to(consumed);
+                    return Ok(Upstream {
+                        stream,
+                        rest: buf,
+                        protocol: resp.protocol,
+                    });
+                }
+                Err(e) => {
+                    // A non-101 status is the common case: name it.
+                    let status = std::str::from_utf8(&buf)
+                        .ok()
+                        .and_then(|t| t.get(9..12))
+                        .and_then(|s| s.parse().ok());
+                    return Err(match status {
+                        Some(s) if s != 101 => UpstreamError::Status(s),
+                        _ => UpstreamError::Invalid(e),
+                    });
+                }
+            }
+        }
+    };
+    compio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or(Err(UpstreamError::Timeout(timeout)))
+}
+
+/// A mask seed / key source without a dependency: std's randomly keyed hasher.
+pub(crate) fn random_16() -> [u8; 16] {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = [0u8; 16];
+    for half in out.chunks_mut(8) {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(0);
+        half.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    out
+}
+
+pub(crate) type ReadFut<'a> = Fuse<LocalBoxFuture<'a, BufResult<usize, BytesMut>>>;
+pub(crate) type WriteFut<'a> = Fuse<LocalBoxFuture<'a, BufResult<(), Vec<u8>>>>;
+
+/// One WebSocket hop: a socket, its protocol core, and at most one read and one write.
+pub(crate) struct Side<'a> {
+    pub(crate) stream: &'a TcpStream,
+    pub(crate) conn: Conn,
+    /// Read buffer, absent while a read is in flight.
+    pub(crate) rbuf: Option<BytesMut>,
+    /// Output buffer, absent while a write is in flight.
+    pub(crate) out: Option<Vec<u8>>,
+    pub(crate) pending_input: bool,
+    pub(crate) eof: bool,
+    pub(crate) failed: bool,
+    pub(crate) read: ReadFut<'a>,
+    pub(crate) write: WriteFut<'a>,
+}
+
+impl<'a> Side<'a> {
+    pub(crate) fn new(stream: &'a TcpStream, conn: Conn, rest: BytesMut) -> Self {
+        let pending_input = !rest.is_empty();
+        Self {
+            stream,
+            conn,
+            rbuf: Some(rest),
+            out: Some(Vec::new()),
+            pending_input,
+            eof: false,
+            failed: false,
+            read: Fuse::terminated(),
+            write: Fuse::terminated(),
+        }
+    }
+
+    pub(crate) fn done(&self) -> bool {
+        self.failed || matches!(self.conn.state(), State::Closed | State::Failed) || self.eof
+    }
+
+    /// Start a write if output is queued and none is in flight.
+    pub(crate) fn start_write(&mut self) {
+        if self.write.is_terminated() && self.conn.pending_transmit() > 0 && !self.failed {
+            // Invariant: `out` is only absent while a write is in flight.
+            let mut o = self.out.take().expect("out buffer present");
+            self.conn.poll_transmit(&mut o);
+            let mut s = self.stream;
+            self.write = async move { s.write_all(o).await }.boxed_local().fuse();
+        }
+    }
+
+    /// Start a read unless one is in flight, the side is finished, or `blocked`.
+    pub(crate) fn start_read(&mut self, blocked: bool) {
+        if self.read.is_terminated() && !blocked && !self.eof && !self.failed {
+            // Invariant: the buffer is ours whenever no read is in flight.
+            let mut buf = self.rbuf.take().expect("read buffer present");
+            let want = self.conn.bytes_needed().max(4096);
+            if buf.capacity() - buf.len() < want {
+                buf.reserve(want);
+            }
+            let mut s = self.stream;
+            self.read = async move {
+                use compio::buf::{IntoInner, IoBufMut};
+                s.read(IoBufMut::uninit(buf))
+                    .await
+                    .map_buffer(IntoInner::into_inner)
+            }
+            .boxed_local()
+            .fuse();
+        }
+    }
+
+    pub(crate) fn on_read(&mut self, res: std::io::Result<usize>, buf: BytesMut) {
+        match res {
+            Ok(0) => self.eof = true,
+            Ok(_) => self.pending_input = true,
+            Err(e) => {
+                debug!(error = %e, "proxy read failed");
+                self.failed = true;
+            }
+        }
+        self.rbuf = Some(buf);
+    }
+
+    pub(crate) fn on_write(&mut self, res: std::io::Result<()>, mut o: Vec<u8>) {
+        if let Err(e) = res {
+            debug!(error = %e, "proxy write failed");
+            self.failed = true;
+        }
+        o.clear();
+        if o.capacity() > 64 * 1024 {
+            o = Vec::new();
+        }
+        self.out = Some(o);
+    }
+}
