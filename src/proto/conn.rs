@@ -113,26 +113,6 @@ pub enum State {
     Failed,
 }
 
-/// Per-connection counters.
-#[non_exhaustive]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ConnStats {
-    /// Frames received (data and control).
-    pub frames_in: u64,
-    /// Complete data messages received (delivered or, after we sent close, discarded).
-    pub messages_in: u64,
-    /// Data-frame payload bytes received (control frames not included).
-    pub bytes_in: u64,
-    /// Messages queued with [`Conn::send`].
-    pub messages_out: u64,
-    /// Payload bytes queued with [`Conn::send`].
-    pub bytes_out: u64,
-    /// Pings received.
-    pub pings_in: u64,
-    /// Pongs received.
-    pub pongs_in: u64,
-}
-
 /// A frame whose header has been consumed; its payload is at the front of the input buffer.
 #[derive(Clone, Copy, Debug)]
 struct FrameInProgress {
@@ -178,7 +158,6 @@ pub struct Conn {
     deferred_close: Option<(CloseCode, &'static str)>,
     /// xorshift64* state for client masks.
     mask_state: u64,
-    stats: ConnStats,
 }
 
 impl Conn {
@@ -198,7 +177,6 @@ impl Conn {
             needed: 0,
             deferred_close: None,
             mask_state: DEFAULT_MASK_SEED,
-            stats: ConnStats::default(),
         }
     }
 
@@ -268,8 +246,6 @@ impl Conn {
         };
         let mask = self.next_mask();
         encode_frame(true, opcode, payload, mask, &mut self.out);
-        self.stats.messages_out += 1;
-        self.stats.bytes_out += payload.len() as u64;
         Ok(())
     }
 
@@ -356,11 +332,6 @@ impl Conn {
     /// The limits this connection enforces.
     pub fn limits(&self) -> &Limits {
         &self.limits
-    }
-
-    /// A copy of the counters.
-    pub fn stats(&self) -> ConnStats {
-        self.stats
     }
 
     /// The decode loop; any error fails the connection (see `handle_input`).
@@ -462,11 +433,9 @@ impl Conn {
 
     /// A complete, unmasked frame.
     fn on_frame(&mut self, frame: FrameInProgress, payload: BytesMut) -> Result<(), ProtoError> {
-        self.stats.frames_in += 1;
         match frame.opcode {
             OpCode::Text | OpCode::Binary | OpCode::Continuation => self.on_data(frame, payload),
             OpCode::Ping => {
-                self.stats.pings_in += 1;
                 if self.state == State::Open {
                     let mask = self.next_mask();
                     encode_frame(true, OpCode::Pong, &payload, mask, &mut self.out);
@@ -475,7 +444,6 @@ impl Conn {
                 Ok(())
             }
             OpCode::Pong => {
-                self.stats.pongs_in += 1;
                 if self.state == State::Open {
                     self.events.push_back(Event::Pong(payload.freeze()));
                 }
@@ -487,7 +455,6 @@ impl Conn {
 
     /// A complete data frame (first, middle or last fragment, or a whole message).
     fn on_data(&mut self, frame: FrameInProgress, payload: BytesMut) -> Result<(), ProtoError> {
-        self.stats.bytes_in += payload.len() as u64;
         if frame.text {
             let rest = &payload[frame.processed..];
             let single = frame.fin && frame.opcode == OpCode::Text && frame.processed == 0;
@@ -521,7 +488,6 @@ impl Conn {
         } else {
             payload.freeze()
         };
-        self.stats.messages_in += 1;
         if self.state == State::Open {
             self.events.push_back(Event::Message { kind, data });
         }
@@ -727,8 +693,6 @@ mod tests {
                 pump(&mut s, &mut c, 1000).unwrap(),
                 [msg(MessageKind::Binary, &data)]
             );
-            assert_eq!(s.stats().messages_in, 2);
-            assert_eq!(s.stats().bytes_out, len as u64);
         }
     }
 
@@ -788,17 +752,6 @@ mod tests {
         assert_eq!(
             pump(&mut s, &mut c, 1).unwrap(),
             [Event::Pong(Bytes::from_static(b"ping!"))]
-        );
-        let st = s.stats();
-        assert_eq!(
-            (
-                st.frames_in,
-                st.messages_in,
-                st.bytes_in,
-                st.pings_in,
-                st.pongs_in
-            ),
-            (6, 1, 11, 1, 1)
         );
     }
 
@@ -1186,7 +1139,6 @@ mod tests {
         let mut out = Vec::new();
         s.poll_transmit(&mut out);
         assert_eq!(out, [0x88, 0x02, 0x03, 0xe8]); // only our close, no pong
-        assert_eq!(s.stats().messages_in, 1);
         // Invalid data still fails, without a second close frame.
         assert_eq!(
             feed(&mut s, &cf(true, OpCode::Text, b"\xff"), 10),

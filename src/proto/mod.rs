@@ -30,7 +30,7 @@ pub mod utf8;
 
 pub use close::CloseCode;
 pub use conn::Limits;
-pub use conn::{Conn, ConnStats, Event, MessageKind, Role, State};
+pub use conn::{Conn, Event, MessageKind, Role, State};
 pub use error::{HandshakeError, ProtoError, SendError};
 pub use frame::{FrameHeader, OpCode};
 pub use handshake::{HandshakeLimits, UpgradeRequest, UpgradeResponse};

@@ -13,11 +13,11 @@ use super::ShardCtx;
 pub(crate) async fn accept_loop(ctx: Rc<ShardCtx>, listener_idx: usize, listener: TcpListener) {
     loop {
         match listener.accept().await {
-            Ok((stream, peer)) => {
+            Ok((stream, _peer)) => {
                 let live = super::driver::LiveGuard::new(ctx.clone());
                 let seq = ctx.seq.get();
                 ctx.seq.set(seq.wrapping_add(1));
-                let fut = super::driver::serve(live, listener_idx, stream, peer, seq);
+                let fut = super::driver::serve(live, listener_idx, stream, seq);
                 compio::runtime::spawn(fut).detach();
             }
             Err(e) if is_fd_exhaustion(&e) => {

@@ -17,7 +17,6 @@
 //! idle connection holds one small buffer plus the task state.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -69,7 +68,6 @@ pub(crate) fn serve(
     live: LiveGuard,
     listener_idx: usize,
     stream: TcpStream,
-    peer: SocketAddr,
     seq: u64,
 ) -> impl Future<Output = ()> + 'static {
     async move {
@@ -78,8 +76,8 @@ pub(crate) fn serve(
         let ctx = &*live.0;
         // Latency over throughput for small frames; batching is done by the write path itself.
         let _ = stream.set_nodelay(true);
-        let hs = handshake(ctx, &ctx.listeners[listener_idx], &stream, peer);
-        let Some((route, target, rest)) = Box::pin(hs).await else {
+        let hs = boxed_handshake(ctx, &ctx.listeners[listener_idx], &stream, seq);
+        let Some((route, target, rest)) = hs.await else {
             return;
         };
         let ctx = &*live.0;
@@ -87,20 +85,14 @@ pub(crate) fn serve(
         let shared = &ctx.listeners[listener_idx];
         let code = match target {
             Target::Upstream(up) => {
-                // Boxed: proxy state must not enlarge every other connection's task.
-                Box::pin(proxy::relay(ctx, shared, &stream, rest, up)).await
+                // Boxed, and built in a plain function: a future constructed in this async
+                // block would take its size in the task state of every connection.
+                boxed_relay(ctx, shared, &stream, rest, up).await
             }
             Target::Topic(topic) => {
-                websocket(
-                    ctx,
-                    shared,
-                    &stream,
-                    Some(rest),
-                    (listener_idx, route),
-                    topic,
-                    seq,
-                )
-                .await
+                let fan = topic.map(|t| Fan::new(ctx, listener_idx, route, t));
+                let route = &shared.cfg.routes[route];
+                websocket(ctx, shared, &stream, Some(rest), route, fan, seq).await
             }
         };
         let ctx = &*live.0;
@@ -108,8 +100,38 @@ pub(crate) fn serve(
             .open
             .fetch_sub(1, Ordering::Relaxed);
         ctx.metrics.on_close(code);
-        debug!(shard = ctx.id, %peer, code, "connection closed");
+        // The peer address is logged with `conn` at open (not kept: 32 bytes of task state).
+        debug!(shard = ctx.id, conn = seq, code, "connection closed");
     }
+}
+
+/// The handshake future, on the heap: built in a plain function so that it never takes room
+/// in the connection task's state.
+fn boxed_handshake<'a>(
+    ctx: &'a ShardCtx,
+    shared: &'a Arc<ListenerShared>,
+    stream: &'a TcpStream,
+    seq: u64,
+) -> LocalBoxFuture<'a, Option<(usize, Target, BytesMut)>> {
+    Box::pin(async move {
+        let r = handshake(ctx, shared, stream).await;
+        if r.is_some() && tracing::enabled!(tracing::Level::DEBUG) {
+            let peer = stream.peer_addr().ok();
+            debug!(shard = ctx.id, conn = seq, ?peer, "connection open");
+        }
+        r
+    })
+}
+
+/// The proxy relay future, on the heap (see its call site).
+fn boxed_relay<'a>(
+    ctx: &'a ShardCtx,
+    shared: &'a ListenerShared,
+    stream: &'a TcpStream,
+    rest: BytesMut,
+    up: super::client::Upstream,
+) -> LocalBoxFuture<'a, u16> {
+    Box::pin(proxy::relay(ctx, shared, stream, rest, up))
 }
 
 /// Counts a connection task in the shard's live-task count (for the drain) from its creation
@@ -175,7 +197,6 @@ async fn handshake(
     ctx: &ShardCtx,
     shared: &Arc<ListenerShared>,
     stream: &TcpStream,
-    peer: SocketAddr,
 ) -> Option<(usize, Target, BytesMut)> {
     let cfg = &shared.cfg;
     let limits = HandshakeLimits {
@@ -230,7 +251,12 @@ async fn handshake(
     let mut target = Target::Topic((route.kind != RouteKind::Echo).then(|| Arc::from(topic)));
     let mut protocol = route.select_subprotocol(&req.protocols).map(str::to_string);
     if let Some(t) = &route.proxy {
-        match proxy::connect(t, peer.ip(), &req).await {
+        // The client's address, for X-Forwarded-For (asked of the socket here rather than
+        // kept in every connection's task state).
+        let peer = stream
+            .peer_addr()
+            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+        match proxy::connect(t, peer, &req).await {
             Ok(up) => {
                 protocol = up.protocol.clone();
                 target = Target::Upstream(up);
@@ -344,29 +370,14 @@ fn websocket<'a>(
     // The bytes that came after the upgrade request (`Some`); the read buffer from then on.
     // A parameter used in place, not moved into a local, so it is stored only once.
     mut rbuf: Option<BytesMut>,
-    // (listener index, route index)
-    route_at: (usize, usize),
-    // The topic of a publish/subscribe/pubsub route.
-    topic: Option<Arc<str>>,
+    route: &'a Route,
+    // Topic state of a publish/subscribe/pubsub route (see [`Fan`]).
+    mut fan: Option<Box<Fan<'a>>>,
     seq: u64,
 ) -> impl Future<Output = u16> + 'a {
     async move {
         let cfg = &shared.cfg;
         let metrics = &ctx.metrics;
-        let route: &Route = &cfg.routes[route_at.1];
-        let sub: Option<Subscription<'_>> = match &topic {
-            Some(t) if route.kind.subscribes() => Some(ctx.hub.subscribe(
-                t,
-                route.queue,
-                ctx.route_labels[route_at.0][route_at.1].clone(),
-            )),
-            _ => None,
-        };
-        // Frame list of a subscriber's vectored write, kept between writes (absent while one
-        // is in flight).
-        let mut frames: Option<Vec<Bytes>> = Some(Vec::new());
-        // The slow-consumer close has been started (so the overflow is not acted on twice).
-        let mut overflow_seen = false;
         let mut conn = Conn::new(Role::Server, cfg.limits.clone());
         let max_pending = cfg.max_pending_write_bytes.get();
 
@@ -416,12 +427,12 @@ fn websocket<'a>(
                     match ev {
                         Event::Message { kind, data } => {
                             metrics.on_message_in(data.len());
-                            match (route.kind, &topic) {
+                            match (route.kind, fan.as_deref()) {
                                 (RouteKind::Echo, _) if conn.send(kind, &data).is_ok() => {
                                     metrics.on_message_out(data.len());
                                 }
-                                (RouteKind::Publish | RouteKind::PubSub, Some(t)) => {
-                                    ctx.publish(t, kind, &data);
+                                (RouteKind::Publish | RouteKind::PubSub, Some(f)) => {
+                                    ctx.publish(&f.topic, kind, &data);
                                 }
                                 // Subscribers' own messages are not routed anywhere.
                                 _ => {}
@@ -445,8 +456,11 @@ fn websocket<'a>(
             }
 
             // A subscriber that fell too far behind under the `close` policy: 1008.
-            if !overflow_seen && sub.as_ref().is_some_and(|s| s.overflowed()) {
-                overflow_seen = true;
+            if let Some(f) = fan
+                .as_deref_mut()
+                .filter(|f| !f.overflow_seen && f.sub.as_ref().is_some_and(|s| s.overflowed()))
+            {
+                f.overflow_seen = true;
                 if conn.state() == State::Open {
                     code.get_or_insert(CloseCode::POLICY.0);
                     start_close(&mut conn, CloseCode::POLICY, "slow consumer");
@@ -464,13 +478,14 @@ fn websocket<'a>(
                     let mut o = out.take().expect("out buffer present");
                     conn.poll_transmit(&mut o);
                     write_fut = write_op(stream, WriteBuf::Plain(o)).boxed_local().fuse();
-                } else if let Some(s) = sub
-                    .as_ref()
-                    .filter(|s| conn.state() == State::Open && s.has_frames())
-                {
-                    // Invariant: `frames` is only absent while a write is in flight.
-                    let mut f = frames.take().expect("frame list present");
-                    s.take(&mut f, MAX_BATCH_BYTES, MAX_BATCH_FRAMES);
+                } else if let Some(fan) = fan.as_deref_mut().filter(|f| {
+                    conn.state() == State::Open && f.sub.as_ref().is_some_and(|s| s.has_frames())
+                }) {
+                    // Invariant: `frames` is only absent while a write is in flight, and the
+                    // filter above checked that there is a subscription.
+                    let mut f = fan.frames.take().expect("frame list present");
+                    let sub = fan.sub.as_ref().expect("subscribed");
+                    sub.take(&mut f, MAX_BATCH_BYTES, MAX_BATCH_FRAMES);
                     write_fut = write_op(stream, WriteBuf::Frames(f)).boxed_local().fuse();
                 }
             }
@@ -550,11 +565,13 @@ fn websocket<'a>(
                         WriteBuf::Frames(mut f) => {
                             // Drops this write's references; keeps the list's allocation.
                             f.clear();
-                            frames = Some(f);
+                            if let Some(fan) = fan.as_deref_mut() {
+                                fan.frames = Some(f);
+                            }
                         }
                     }
                 }
-                () = ready_fut(sub.as_ref(), write_fut.is_terminated(), overflow_seen) => {}
+                () = ready_fut(fan.as_deref(), write_fut.is_terminated()) => {}
                 flags = signal.wait() => {
                     if flags & signal::PING != 0 {
                         if conn.send_ping(b"wsedge").is_ok() {
@@ -603,14 +620,39 @@ fn websocket<'a>(
 
 /// The subscriber's wake-up for this loop turn: new frames matter only when no write is in
 /// flight (the next batch is taken when it completes), an overflow matters until seen.
-fn ready_fut<'s>(
-    sub: Option<&'s Subscription<'_>>,
-    idle_writer: bool,
-    overflow_seen: bool,
-) -> fanout::Ready<'s> {
-    match sub {
-        Some(s) => s.ready(idle_writer, !overflow_seen),
+fn ready_fut<'s>(fan: Option<&'s Fan<'_>>, idle_writer: bool) -> fanout::Ready<'s> {
+    match fan.and_then(|f| Some((f.sub.as_ref()?, f.overflow_seen))) {
+        Some((s, overflow_seen)) => s.ready(idle_writer, !overflow_seen),
         None => fanout::Ready::never(),
+    }
+}
+
+/// The topic state of a connection on a publish, subscribe or pubsub route, boxed so that
+/// echo connections (and their idle memory) do not carry it.
+pub(crate) struct Fan<'a> {
+    topic: Arc<str>,
+    /// The subscription (subscribe and pubsub routes).
+    sub: Option<Subscription<'a>>,
+    /// Frame list of a subscriber's vectored write, kept between writes (absent while one
+    /// is in flight).
+    frames: Option<Vec<Bytes>>,
+    /// The slow-consumer close has been started (so the overflow is acted on once).
+    overflow_seen: bool,
+}
+
+impl<'a> Fan<'a> {
+    fn new(ctx: &'a ShardCtx, listener: usize, route: usize, topic: Arc<str>) -> Box<Self> {
+        let r = &ctx.listeners[listener].cfg.routes[route];
+        let sub = r.kind.subscribes().then(|| {
+            ctx.hub
+                .subscribe(&topic, r.queue, ctx.route_labels[listener][route].clone())
+        });
+        Box::new(Self {
+            topic,
+            sub,
+            frames: Some(Vec::new()),
+            overflow_seen: false,
+        })
     }
 }
 
