@@ -16,6 +16,8 @@
 //!   the runtime or sockets.
 //! - [`upstream`]: upstream `ws://` URLs and the upgrade request wsedge sends as a client
 //!   (proxy routes). Runtime-free.
+//! - [`ratelimit`]: token buckets for the accept rate and per-connection message limits.
+//!   Runtime-free.
 //! - [`admin`]: the admin HTTP listener (`/healthz`, `/metrics`, `/stats`).
 //! - [`fuzzing`]: byte-level entry points for the fuzz targets under `tests/fuzz`.
 #![deny(unsafe_code)]
@@ -27,5 +29,6 @@ pub mod fanout;
 pub mod fuzzing;
 pub mod metrics;
 pub mod proto;
+pub mod ratelimit;
 pub mod shard;
 pub mod upstream;

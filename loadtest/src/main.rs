@@ -5,12 +5,16 @@
 //! Scenarios: `echo` (closed or open loop), `connect` (ramp, hold, handshake latency) and
 //! `broadcast` (publishers and subscribers of one topic: end-to-end latency, loss, duplicates,
 //! reordering). The `ingest` scenario is tracked in issue 3.
+//!
+//! Every scenario prints a summary and can write its results as JSON (`--json`) and as a
+//! self-contained HTML report with charts (`--html`, see [`html`]).
 
 mod broadcast;
 mod client;
 mod connect;
 mod echo;
 mod end;
+mod html;
 mod stats;
 
 use std::io::{IsTerminal, Write};
@@ -18,14 +22,15 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::echo::{EchoParams, Timing};
-use crate::stats::{Latency, Live, Second, WorkerStats, process_cpu};
+use crate::html::{fmt_us, group};
+use crate::stats::{Latency, Live, Percentile, Second, WorkerStats, percentiles, process_cpu};
 
 /// WebSocket load generator.
 #[derive(Parser)]
@@ -58,6 +63,10 @@ struct CommonArgs {
     /// Write the results as JSON to this file (schema in docs/loadtest.md).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write a self-contained HTML report (summary, latency percentile plot, throughput and
+    /// p99 per second, errors) to this file.
+    #[arg(long)]
+    html: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -320,6 +329,7 @@ struct Report {
     messages: u64,
     rate_msgs_per_s: f64,
     latency: Latency,
+    latency_percentiles: Vec<Percentile>,
     timeline: Vec<Second>,
     errors: std::collections::BTreeMap<String, u64>,
     client_cpu_pct: f64,
@@ -450,6 +460,7 @@ fn run_echo(a: EchoArgs) -> anyhow::Result<()> {
         messages: total.messages,
         rate_msgs_per_s: total.messages as f64 / secs,
         latency: Latency::of(&total.hist),
+        latency_percentiles: percentiles(&total.hist),
         timeline: timeline(&total, secs),
         errors: total.errors,
         client_cpu_pct,
@@ -461,10 +472,64 @@ fn run_echo(a: EchoArgs) -> anyhow::Result<()> {
     if let Some(path) = &a.common.json {
         write_json(path, &report)?;
     }
+    if let Some(path) = &a.common.html {
+        html::write(path, &echo_page(&report, a.common.source.as_deref()))?;
+    }
     if report.messages == 0 {
         bail!("no message completed");
     }
     Ok(())
+}
+
+/// A latency for a summary card; "-" when there were no samples.
+fn latency_or_dash(samples: u64, us: f64) -> String {
+    if samples == 0 {
+        "-".to_string()
+    } else {
+        fmt_us(us)
+    }
+}
+
+/// The `--html` report of an `echo` run.
+fn echo_page<'a>(r: &'a Report, source: Option<&'a str>) -> html::Page<'a> {
+    let mut params = vec![
+        ("connections", group(r.conns_requested as u64)),
+        ("payload", format!("{} B", r.size)),
+        ("mode", r.mode.clone()),
+        ("threads", r.threads.to_string()),
+        (
+            "measured",
+            format!("{} s (warm-up {} s excluded)", r.duration_s, r.warmup_s),
+        ),
+    ];
+    params.extend(source.map(|s| ("source addresses", s.to_string())));
+    html::Page {
+        scenario: "echo",
+        targets: vec![("URL", &r.url)],
+        params,
+        summary: vec![
+            ("msg/s", group(r.rate_msgs_per_s.round() as u64)),
+            ("messages", group(r.messages)),
+            (
+                "connections",
+                format!("{}/{}", r.conns_established, r.conns_requested),
+            ),
+            ("p50", latency_or_dash(r.messages, r.latency.p50_us)),
+            ("p99", latency_or_dash(r.messages, r.latency.p99_us)),
+            ("max", latency_or_dash(r.messages, r.latency.max_us)),
+            ("client CPU per thread", format!("{:.0}%", r.client_cpu_pct)),
+        ],
+        warnings: &r.warnings,
+        latency_what: "Round-trip latency",
+        latency: &r.latency,
+        percentiles: &r.latency_percentiles,
+        samples: r.messages,
+        timeline: &r.timeline,
+        rate_what: "messages/s",
+        time_what: "second of the measured window",
+        errors: &r.errors,
+        date: SystemTime::now(),
+    }
 }
 
 fn print_summary(r: &Report) {
@@ -498,7 +563,51 @@ struct ConnectReport {
     rate_per_s: f64,
     hold_s: f64,
     handshake_latency: Latency,
+    handshake_latency_percentiles: Vec<Percentile>,
+    timeline: Vec<Second>,
     errors: std::collections::BTreeMap<String, u64>,
+}
+
+/// The `--html` report of a `connect` run.
+fn connect_page<'a>(
+    r: &'a ConnectReport,
+    threads: usize,
+    source: Option<&'a str>,
+) -> html::Page<'a> {
+    let mut params = vec![
+        ("connections", group(r.conns_requested as u64)),
+        ("ramp", format!("{} connections/s", r.rate_per_s)),
+        ("hold", format!("{} s after the ramp", r.hold_s)),
+        ("threads", threads.to_string()),
+    ];
+    params.extend(source.map(|s| ("source addresses", s.to_string())));
+    let l = &r.handshake_latency;
+    let us = |v| latency_or_dash(r.conns_established, v);
+    html::Page {
+        scenario: "connect",
+        targets: vec![("URL", &r.url)],
+        params,
+        summary: vec![
+            (
+                "established",
+                format!("{}/{}", r.conns_established, r.conns_requested),
+            ),
+            ("peak open", group(r.peak_open)),
+            ("handshake p50", us(l.p50_us)),
+            ("handshake p99", us(l.p99_us)),
+            ("handshake max", us(l.max_us)),
+        ],
+        warnings: &[],
+        latency_what: "Handshake latency",
+        latency: l,
+        percentiles: &r.handshake_latency_percentiles,
+        samples: r.conns_established,
+        timeline: &r.timeline,
+        rate_what: "connections established/s",
+        time_what: "second since the start of the ramp",
+        errors: &r.errors,
+        date: SystemTime::now(),
+    }
 }
 
 fn run_connect(a: ConnectArgs) -> anyhow::Result<()> {
@@ -558,6 +667,9 @@ fn run_connect(a: ConnectArgs) -> anyhow::Result<()> {
         rate_per_s: a.rate,
         hold_s: a.hold,
         handshake_latency: Latency::of(&total.hist),
+        handshake_latency_percentiles: percentiles(&total.hist),
+        // Every recorded second: a slow handshake may complete after the hold.
+        timeline: timeline(&total, total.timeline.len() as f64),
         errors: total.errors,
     };
     let l = &report.handshake_latency;
@@ -573,6 +685,12 @@ fn run_connect(a: ConnectArgs) -> anyhow::Result<()> {
     print_latency_and_errors("handshake", l, &report.errors);
     if let Some(path) = &a.common.json {
         write_json(path, &report)?;
+    }
+    if let Some(path) = &a.common.html {
+        html::write(
+            path,
+            &connect_page(&report, threads, a.common.source.as_deref()),
+        )?;
     }
     if report.conns_established == 0 {
         bail!("no connection could be established");
@@ -609,6 +727,7 @@ struct BroadcastReport {
     stale: u64,
     unwritten: u64,
     latency: Latency,
+    latency_percentiles: Vec<Percentile>,
     timeline: Vec<Second>,
     errors: std::collections::BTreeMap<String, u64>,
     client_cpu_pct: f64,
@@ -830,6 +949,7 @@ fn run_broadcast(a: BroadcastArgs) -> anyhow::Result<()> {
         stale: tally.stale,
         unwritten: tally.unwritten,
         latency: Latency::of(&total.hist),
+        latency_percentiles: percentiles(&total.hist),
         timeline: timeline(&total, secs),
         errors: total.errors,
         client_cpu_pct,
@@ -841,6 +961,9 @@ fn run_broadcast(a: BroadcastArgs) -> anyhow::Result<()> {
     if let Some(path) = &a.common.json {
         write_json(path, &report)?;
     }
+    if let Some(path) = &a.common.html {
+        html::write(path, &broadcast_page(&report, a.common.source.as_deref()))?;
+    }
     if report.publishers_connected == 0 || report.subs_connected == 0 {
         bail!("no publisher or no subscriber could connect");
     }
@@ -848,6 +971,69 @@ fn run_broadcast(a: BroadcastArgs) -> anyhow::Result<()> {
         bail!("no message was published");
     }
     Ok(())
+}
+
+/// The `--html` report of a `broadcast` run.
+fn broadcast_page<'a>(r: &'a BroadcastReport, source: Option<&'a str>) -> html::Page<'a> {
+    let mut params = vec![
+        ("subscribers", group(r.subs_requested as u64)),
+        ("publishers", group(r.publishers_requested as u64)),
+        ("payload", format!("{} B", r.size)),
+        (
+            "rate",
+            format!("{} msg/s over all publishers", r.rate_msgs_per_s),
+        ),
+        ("threads", r.threads.to_string()),
+        (
+            "measured",
+            format!(
+                "{} s (warm-up {} s excluded from latency, {} s grace)",
+                r.duration_s, r.warmup_s, r.grace_s
+            ),
+        ),
+    ];
+    params.extend(source.map(|s| ("source addresses", s.to_string())));
+    html::Page {
+        scenario: "broadcast",
+        targets: vec![("publish", &r.pub_url), ("subscribe", &r.sub_url)],
+        params,
+        summary: vec![
+            ("deliveries/s", group(r.delivered_per_s.round() as u64)),
+            ("published", group(r.published)),
+            (
+                "delivered / expected",
+                format!("{} / {}", group(r.delivered), group(r.expected_deliveries)),
+            ),
+            ("lost", group(r.lost)),
+            (
+                "duplicated / reordered / stale",
+                format!("{} / {} / {}", r.duplicated, r.reordered, r.stale),
+            ),
+            (
+                "subscribers complete",
+                format!("{}/{}", r.subs_complete, r.subs_requested),
+            ),
+            (
+                "publishers",
+                format!("{}/{}", r.publishers_connected, r.publishers_requested),
+            ),
+            (
+                "p99",
+                latency_or_dash(r.measured_deliveries, r.latency.p99_us),
+            ),
+            ("client CPU per thread", format!("{:.0}%", r.client_cpu_pct)),
+        ],
+        warnings: &r.warnings,
+        latency_what: "End-to-end latency",
+        latency: &r.latency,
+        percentiles: &r.latency_percentiles,
+        samples: r.measured_deliveries,
+        timeline: &r.timeline,
+        rate_what: "deliveries/s",
+        time_what: "second of the measured window (by scheduled send time)",
+        errors: &r.errors,
+        date: SystemTime::now(),
+    }
 }
 
 fn print_broadcast_summary(r: &BroadcastReport) {

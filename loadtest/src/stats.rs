@@ -1,5 +1,5 @@
 //! Measurement: per-worker HdrHistograms and counters, merged at the end; the live progress
-//! line; the summary table and the `--json` report.
+//! line; the summary table and the `--json` and `--html` reports.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -156,6 +156,48 @@ impl Latency {
     }
 }
 
+/// One point of the latency percentile curve.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Percentile {
+    /// Percentile, 0 (the minimum) to 100 (the maximum).
+    pub percentile: f64,
+    /// Latency at that percentile, µs.
+    pub latency_us: f64,
+}
+
+/// Nines the percentile curve reaches before its last point, the maximum (99.99).
+pub const CURVE_NINES: u32 = 4;
+
+/// The percentile curve of a histogram in ns: ten points per "nine" from the minimum
+/// (percentile 0) to the 99.99th, the 50th, and the maximum (percentile 100). Empty when the
+/// histogram is.
+pub fn percentiles(h: &Histogram<u64>) -> Vec<Percentile> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    // Percentile with x nines (x = 1: 90, x = 2: 99), rounded so 90 prints as 90.
+    let at_nines = |tenths: u32| {
+        let p = 100.0 * (1.0 - 10f64.powf(-f64::from(tenths) / 10.0));
+        (p * 1e6).round() / 1e6
+    };
+    let mut ps: Vec<f64> = (0..=CURVE_NINES * 10).map(at_nines).collect();
+    ps.push(50.0);
+    ps.sort_by(f64::total_cmp);
+    let us = |ns: u64| ns as f64 / 1000.0;
+    let mut out: Vec<Percentile> = ps
+        .into_iter()
+        .map(|p| Percentile {
+            percentile: p,
+            latency_us: us(h.value_at_quantile(p / 100.0)),
+        })
+        .collect();
+    out.push(Percentile {
+        percentile: 100.0,
+        latency_us: us(h.max()),
+    });
+    out
+}
+
 /// One second of the timeline.
 #[derive(Serialize, Debug)]
 pub struct Second {
@@ -196,4 +238,36 @@ pub async fn collect(
         .ok()
         .expect("all tasks finished")
         .into_inner()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_curve_runs_from_min_to_max() {
+        assert!(percentiles(&new_hist()).is_empty());
+        let mut h = new_hist();
+        for us in 1..=10_000u64 {
+            h.record(us * 1000).unwrap();
+        }
+        let c = percentiles(&h);
+        assert_eq!(c.first().unwrap().percentile, 0.0);
+        assert_eq!(c.last().unwrap().percentile, 100.0);
+        assert_eq!(c.last().unwrap().latency_us, h.max() as f64 / 1000.0);
+        // The named percentiles are on the curve, exactly.
+        for p in [50.0, 90.0, 99.0, 99.9, 99.99] {
+            let pt = c.iter().find(|x| x.percentile == p).unwrap();
+            assert_eq!(
+                pt.latency_us,
+                h.value_at_quantile(p / 100.0) as f64 / 1000.0
+            );
+        }
+        // Ten points per nine, plus the 50th and the maximum; increasing in both.
+        assert_eq!(c.len(), CURVE_NINES as usize * 10 + 3);
+        assert!(c.windows(2).all(|w| w[0].percentile < w[1].percentile));
+        assert!(c.windows(2).all(|w| w[0].latency_us <= w[1].latency_us));
+        let p50 = c.iter().find(|x| x.percentile == 50.0).unwrap().latency_us;
+        assert!((4990.0..=5010.0).contains(&p50), "{p50}");
+    }
 }

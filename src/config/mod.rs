@@ -203,6 +203,11 @@ pub struct ListenerConfig {
     pub limits: Limits,
     /// Outbound bytes queued per connection before reads pause (backpressure).
     pub max_pending_write_bytes: NonZeroUsize,
+    /// Open connections per client IP across shards; beyond it the handshake gets 429.
+    pub max_connections_per_ip: Option<NonZeroUsize>,
+    /// New connections per second across shards (each shard gets an equal share); beyond it
+    /// the handshake gets 503 with `Retry-After: 1`.
+    pub accept_rate: Option<u32>,
     /// Routes by exact path.
     pub routes: Vec<Route>,
 }
@@ -224,6 +229,13 @@ pub struct Route {
     pub queue: QueueLimits,
     /// Where a proxy route connects (proxy routes only).
     pub proxy: Option<ProxyTarget>,
+    /// `Origin` values allowed to connect; empty = any. A request without `Origin`
+    /// (not from a browser) is allowed.
+    pub allowed_origins: Vec<String>,
+    /// Inbound messages per second per connection; beyond it: close 1008.
+    pub max_messages_per_second: Option<u32>,
+    /// Inbound payload bytes per second per connection; beyond it: close 1008.
+    pub max_bytes_per_second: Option<u64>,
 }
 
 /// The upstream of a `proxy` route.
@@ -636,6 +648,10 @@ fn validate_listener(i: usize, l: &raw::RawListener) -> Result<ListenerConfig, C
             subprotocols: r.subprotocols.clone(),
             queue,
             proxy,
+            allowed_origins: r.allowed_origins.clone(),
+            max_messages_per_second: (r.max_messages_per_second > 0)
+                .then_some(r.max_messages_per_second),
+            max_bytes_per_second: (r.max_bytes_per_second > 0).then_some(r.max_bytes_per_second),
         });
     }
     if routes.is_empty() {
@@ -668,6 +684,8 @@ fn validate_listener(i: usize, l: &raw::RawListener) -> Result<ListenerConfig, C
             &p("max_pending_write_bytes"),
         )?)
         .expect("bounded below by 1024"),
+        max_connections_per_ip: NonZeroUsize::new(l.max_connections_per_ip),
+        accept_rate: (l.accept_rate > 0).then_some(l.accept_rate),
         routes,
     })
 }
@@ -949,6 +967,9 @@ mod tests {
                 upstream: Some("ws://127.0.0.1:1/".into()),
                 connect_timeout_ms: Some(1),
                 headers: Some([("X".to_string(), "y".to_string())].into()),
+                allowed_origins: vec![],
+                max_messages_per_second: 0,
+                max_bytes_per_second: 0,
             }],
             ..Default::default()
         });

@@ -76,6 +76,10 @@ pub struct RawListener {
     pub max_message_bytes: usize,
     /// Outbound queue cap before reads pause.
     pub max_pending_write_bytes: usize,
+    /// Open connections per client IP across shards (0 = no cap).
+    pub max_connections_per_ip: usize,
+    /// New connections accepted per second (0 = no limit).
+    pub accept_rate: u32,
     /// `[[listener.route]]`.
     pub route: Vec<RawRoute>,
 }
@@ -95,6 +99,8 @@ impl Default for RawListener {
             max_frame_bytes: 16 << 20,
             max_message_bytes: 16 << 20,
             max_pending_write_bytes: 1 << 20,
+            max_connections_per_ip: 0,
+            accept_rate: 0,
             route: Vec::new(),
         }
     }
@@ -111,6 +117,15 @@ pub struct RawRoute {
     /// Subprotocols the route speaks, in preference order.
     #[serde(default)]
     pub subprotocols: Vec<String>,
+    /// Origins allowed to connect (empty = any).
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Inbound messages per second per connection (0 = no limit).
+    #[serde(default)]
+    pub max_messages_per_second: u32,
+    /// Inbound payload bytes per second per connection (0 = no limit).
+    #[serde(default)]
+    pub max_bytes_per_second: u64,
     /// Subscriber queue cap in bytes (subscribe and pubsub routes only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_queue_bytes: Option<usize>,

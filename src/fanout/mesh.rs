@@ -86,6 +86,11 @@ pub fn build(n: usize) -> Vec<Link> {
 }
 
 impl Link {
+    /// Number of shards in the mesh (this one included).
+    pub fn shards(&self) -> usize {
+        self.outs.borrow().len() + 1
+    }
+
     /// True when there are other shards to send to.
     pub fn has_peers(&self) -> bool {
         !self.outs.borrow().is_empty()

@@ -33,11 +33,17 @@ pub enum HandshakeFailure {
     Io,
     /// 502: a proxy route's upstream refused, timed out or did not answer 101.
     BadGateway,
+    /// 403: the `Origin` is not in the route's `allowed_origins`.
+    OriginForbidden,
+    /// 429: the client IP has `max_connections_per_ip` connections open.
+    PerIpLimit,
+    /// 503: over the listener's `accept_rate`.
+    AcceptRate,
 }
 
 impl HandshakeFailure {
     /// All variants, in label order.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 12] = [
         Self::Malformed,
         Self::MethodNotAllowed,
         Self::UnsupportedVersion,
@@ -47,6 +53,9 @@ impl HandshakeFailure {
         Self::Timeout,
         Self::Io,
         Self::BadGateway,
+        Self::OriginForbidden,
+        Self::PerIpLimit,
+        Self::AcceptRate,
     ];
 
     /// The metric label value.
@@ -61,6 +70,9 @@ impl HandshakeFailure {
             Self::Timeout => "timeout",
             Self::Io => "io",
             Self::BadGateway => "bad_gateway",
+            Self::OriginForbidden => "origin_forbidden",
+            Self::PerIpLimit => "per_ip_limit",
+            Self::AcceptRate => "accept_rate",
         }
     }
 
@@ -73,6 +85,8 @@ impl HandshakeFailure {
             404 => Self::NoRoute,
             503 => Self::OverCapacity,
             502 => Self::BadGateway,
+            403 => Self::OriginForbidden,
+            429 => Self::PerIpLimit,
             _ => Self::Malformed,
         }
     }
@@ -89,7 +103,8 @@ pub struct ShardMetrics {
     bytes_out: Cell<u64>,
     pings_sent: Cell<u64>,
     idle_closes: Cell<u64>,
-    handshake_failures: [Cell<u64>; 9],
+    handshake_failures: [Cell<u64>; 12],
+    rate_limit_closes: [Cell<u64>; 2],
     closes: RefCell<Vec<(u16, u64)>>,
 }
 
@@ -138,6 +153,11 @@ impl ShardMetrics {
         bump(&self.idle_closes, 1);
     }
 
+    /// A connection was closed for exceeding a per-connection rate limit.
+    pub fn on_rate_limit_close(&self, why: crate::ratelimit::RateExceeded) {
+        bump(&self.rate_limit_closes[why as usize], 1);
+    }
+
     /// A handshake failed.
     pub fn on_handshake_failure(&self, why: HandshakeFailure) {
         bump(&self.handshake_failures[why as usize], 1);
@@ -167,6 +187,13 @@ impl ShardMetrics {
                 .map(|f| (f.label(), self.handshake_failures[*f as usize].get()))
                 .collect(),
             closes,
+            rate_limit_closes: [
+                crate::ratelimit::RateExceeded::Messages,
+                crate::ratelimit::RateExceeded::Bytes,
+            ]
+            .iter()
+            .map(|r| (r.label(), self.rate_limit_closes[*r as usize].get()))
+            .collect(),
             fanout: FanoutSnapshot::default(),
             sources: Vec::new(),
         }
@@ -198,6 +225,8 @@ pub struct Snapshot {
     pub handshake_failures: Vec<(&'static str, u64)>,
     /// Connections ended, by close code.
     pub closes: Vec<(u16, u64)>,
+    /// Connections closed for exceeding a per-connection rate limit, by limit.
+    pub rate_limit_closes: Vec<(&'static str, u64)>,
     /// Broadcast fan-out counters.
     pub fanout: FanoutSnapshot,
     /// Sources running on this shard.
@@ -252,6 +281,12 @@ impl Snapshot {
         }
         self.closes.sort_unstable();
         self.fanout.merge(&other.fanout);
+        for (label, n) in &other.rate_limit_closes {
+            match self.rate_limit_closes.iter_mut().find(|(l, _)| l == label) {
+                Some((_, m)) => *m += n,
+                None => self.rate_limit_closes.push((label, *n)),
+            }
+        }
         self.sources.extend(other.sources.iter().cloned());
         self.sources.sort_by(|a, b| a.name.cmp(&b.name));
     }
@@ -530,6 +565,17 @@ pub fn render_prometheus(info: &Info, snaps: &[Snapshot]) -> String {
             metric(name, kind, help, &series);
         }
     }
+    let rl: Vec<_> = t
+        .rate_limit_closes
+        .iter()
+        .map(|(l, n)| (format!("{{reason=\"{l}\"}}"), *n))
+        .collect();
+    metric(
+        "wsedge_rate_limit_closes_total",
+        "counter",
+        "Connections closed with 1008 for exceeding a per-connection rate limit.",
+        &rl,
+    );
     let closes: Vec<_> = t
         .closes
         .iter()

@@ -21,7 +21,7 @@ use std::pin::pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use compio::BufResult;
@@ -39,6 +39,7 @@ use crate::proto::handshake::{
     self, HandshakeLimits, UpgradeRequest, write_error_response, write_response_101,
 };
 use crate::proto::{CloseCode, Conn, Event, HandshakeError, ProtoError, Role, State};
+use crate::ratelimit::MessageLimiter;
 
 /// Smallest read submitted; also the read buffer of a connection that has gone quiet. Small
 /// because an idle connection holds exactly one of these in its pending read.
@@ -76,8 +77,14 @@ pub(crate) fn serve(
         let ctx = &*live.0;
         // Latency over throughput for small frames; batching is done by the write path itself.
         let _ = stream.set_nodelay(true);
-        let hs = boxed_handshake(ctx, &ctx.listeners[listener_idx], &stream, seq);
-        let Some((route, target, rest)) = hs.await else {
+        let hs = boxed_handshake(ctx, listener_idx, &stream, seq);
+        let Some(Accepted {
+            route,
+            target,
+            rest,
+            _ip_slot,
+        }) = hs.await
+        else {
             return;
         };
         let ctx = &*live.0;
@@ -109,12 +116,12 @@ pub(crate) fn serve(
 /// in the connection task's state.
 fn boxed_handshake<'a>(
     ctx: &'a ShardCtx,
-    shared: &'a Arc<ListenerShared>,
+    listener_idx: usize,
     stream: &'a TcpStream,
     seq: u64,
-) -> LocalBoxFuture<'a, Option<(usize, Target, BytesMut)>> {
+) -> LocalBoxFuture<'a, Option<Accepted>> {
     Box::pin(async move {
-        let r = handshake(ctx, shared, stream).await;
+        let r = handshake(ctx, listener_idx, stream).await;
         if r.is_some() && tracing::enabled!(tracing::Level::DEBUG) {
             let peer = stream.peer_addr().ok();
             debug!(shard = ctx.id, conn = seq, ?peer, "connection open");
@@ -183,6 +190,51 @@ async fn read_request(
     }
 }
 
+/// A completed handshake.
+pub(crate) struct Accepted {
+    route: usize,
+    target: Target,
+    /// Bytes the client sent after its request.
+    rest: BytesMut,
+    /// Held for the life of the connection when `max_connections_per_ip` is set.
+    _ip_slot: Option<Box<IpSlot>>,
+}
+
+/// One connection counted against its IP's `max_connections_per_ip`, until dropped.
+pub(crate) struct IpSlot {
+    shared: Arc<ListenerShared>,
+    ip: std::net::IpAddr,
+}
+
+impl IpSlot {
+    fn take(shared: &Arc<ListenerShared>, ip: std::net::IpAddr, cap: usize) -> Option<Self> {
+        // A poisoned lock only means another shard panicked mid-update; the map is still a
+        // valid map of counts.
+        let mut map = shared.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            shared: shared.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut map = self.shared.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Where an accepted WebSocket goes after its handshake.
 enum Target {
     /// Served here: echo (no topic) or a topic route.
@@ -193,17 +245,31 @@ enum Target {
 
 /// Phase 1. On success the connection holds a `max_connections` slot; returned are the index
 /// of its route, where it goes, and any bytes the client sent after the request.
-async fn handshake(
-    ctx: &ShardCtx,
-    shared: &Arc<ListenerShared>,
-    stream: &TcpStream,
-) -> Option<(usize, Target, BytesMut)> {
+async fn handshake(ctx: &ShardCtx, listener_idx: usize, stream: &TcpStream) -> Option<Accepted> {
+    let shared = &ctx.listeners[listener_idx];
     let cfg = &shared.cfg;
     let limits = HandshakeLimits {
         max_request_bytes: cfg.max_handshake_bytes,
         max_headers: 64,
     };
     let mut out = Vec::new();
+    // Accept rate: refused before the request is read, so a flood costs as little as possible.
+    let admitted = ctx.accept_buckets[listener_idx]
+        .borrow_mut()
+        .as_mut()
+        .is_none_or(|bucket| bucket.take(1.0, Instant::now()));
+    if !admitted {
+        ctx.metrics
+            .on_handshake_failure(HandshakeFailure::AcceptRate);
+        write_error_response(
+            503,
+            "too many new connections",
+            &[("Retry-After", "1")],
+            &mut out,
+        );
+        respond_and_close(stream, out).await;
+        return None;
+    }
     let (req, rest) =
         match compio::time::timeout(cfg.handshake_timeout, read_request(stream, &limits)).await {
             Err(_elapsed) => {
@@ -235,6 +301,15 @@ async fn handshake(
         respond_and_close(stream, out).await;
         return None;
     };
+    if let Some(origin) = &req.origin {
+        if !route.allowed_origins.is_empty() && !route.allowed_origins.contains(origin) {
+            ctx.metrics
+                .on_handshake_failure(HandshakeFailure::OriginForbidden);
+            write_error_response(403, "origin not allowed", &[], &mut out);
+            respond_and_close(stream, out).await;
+            return None;
+        }
+    }
     if shared.open.fetch_add(1, Ordering::Relaxed) >= cfg.max_connections.get() {
         shared.open.fetch_sub(1, Ordering::Relaxed);
         ctx.metrics
@@ -248,6 +323,31 @@ async fn handshake(
         respond_and_close(stream, out).await;
         return None;
     }
+    // Per-IP cap: released when the returned slot is dropped (connection end or failure).
+    let ip_slot = match cfg.max_connections_per_ip {
+        None => None,
+        Some(cap) => {
+            let ip = stream
+                .peer_addr()
+                .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+            match IpSlot::take(shared, ip, cap.get()) {
+                Some(slot) => Some(Box::new(slot)),
+                None => {
+                    shared.open.fetch_sub(1, Ordering::Relaxed);
+                    ctx.metrics
+                        .on_handshake_failure(HandshakeFailure::PerIpLimit);
+                    write_error_response(
+                        429,
+                        "too many connections from this address",
+                        &[("Retry-After", "1")],
+                        &mut out,
+                    );
+                    respond_and_close(stream, out).await;
+                    return None;
+                }
+            }
+        }
+    };
     let mut target = Target::Topic((route.kind != RouteKind::Echo).then(|| Arc::from(topic)));
     let mut protocol = route.select_subprotocol(&req.protocols).map(str::to_string);
     if let Some(t) = &route.proxy {
@@ -279,7 +379,12 @@ async fn handshake(
         ctx.metrics.on_handshake_failure(HandshakeFailure::Io);
         return None;
     }
-    Some((route_idx, target, rest))
+    Some(Accepted {
+        route: route_idx,
+        target,
+        rest,
+        _ip_slot: ip_slot,
+    })
 }
 
 /// Write a final response, send FIN, and let the peer read it before the socket closes
@@ -378,6 +483,13 @@ fn websocket<'a>(
     async move {
         let cfg = &shared.cfg;
         let metrics = &ctx.metrics;
+        // Per-connection inbound limits (boxed: most routes have none).
+        let mut limiter = MessageLimiter::new(
+            route.max_messages_per_second,
+            route.max_bytes_per_second,
+            Instant::now(),
+        )
+        .map(Box::new);
         let mut conn = Conn::new(Role::Server, cfg.limits.clone());
         let max_pending = cfg.max_pending_write_bytes.get();
 
@@ -423,10 +535,29 @@ fn websocket<'a>(
                     code.get_or_insert(close_code_for(&e));
                     debug!(shard = ctx.id, error = %e, "protocol error");
                 }
+                let now = limiter.is_some().then(Instant::now);
                 while let Some(ev) = conn.poll_event() {
                     match ev {
                         Event::Message { kind, data } => {
                             metrics.on_message_in(data.len());
+                            if let (Some(l), Some(now)) = (limiter.as_deref_mut(), now) {
+                                if let Err(why) = l.admit(data.len(), now) {
+                                    if conn.state() == State::Open {
+                                        metrics.on_rate_limit_close(why);
+                                        code.get_or_insert(CloseCode::POLICY.0);
+                                        start_close(
+                                            &mut conn,
+                                            CloseCode::POLICY,
+                                            "rate limit exceeded",
+                                        );
+                                        mode = TimerMode::CloseWait;
+                                        timer = compio::time::sleep(cfg.close_timeout)
+                                            .boxed_local()
+                                            .fuse();
+                                    }
+                                    continue;
+                                }
+                            }
                             match (route.kind, fan.as_deref()) {
                                 (RouteKind::Echo, _) if conn.send(kind, &data).is_ok() => {
                                     metrics.on_message_out(data.len());

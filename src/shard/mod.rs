@@ -202,6 +202,9 @@ pub(crate) struct ListenerShared {
     pub(crate) cfg: ListenerConfig,
     /// Open WebSocket connections across shards (checked against `max_connections`).
     pub(crate) open: AtomicUsize,
+    /// Open connections per client IP, when `max_connections_per_ip` is set. A lock, but
+    /// one taken once per handshake and once per close, never per message.
+    pub(crate) per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
 }
 
 /// Everything a shard's tasks share. Lives on the shard thread only (`Rc`).
@@ -226,6 +229,8 @@ pub(crate) struct ShardCtx {
     pub(crate) route_labels: Vec<Vec<Rc<str>>>,
     /// The sources running on this shard.
     pub(crate) sources: Vec<Rc<source::SourceStats>>,
+    /// Per listener: this shard's share of the listener's `accept_rate`.
+    pub(crate) accept_buckets: Vec<std::cell::RefCell<Option<crate::ratelimit::TokenBucket>>>,
 }
 
 impl ShardCtx {
@@ -289,6 +294,7 @@ impl Server {
             shared.push(Arc::new(ListenerShared {
                 cfg: l.clone(),
                 open: AtomicUsize::new(0),
+                per_ip: Default::default(),
             }));
         }
 
@@ -490,6 +496,17 @@ fn run_shard(
         }
     };
     let tick = keepalive_tick(&listeners);
+    let accept_buckets = listeners
+        .iter()
+        .map(|l| {
+            std::cell::RefCell::new(l.cfg.accept_rate.map(|r| {
+                crate::ratelimit::TokenBucket::new(
+                    f64::from(r) / link.shards() as f64,
+                    Instant::now(),
+                )
+            }))
+        })
+        .collect();
     let route_labels = listeners
         .iter()
         .map(|l| {
@@ -516,6 +533,7 @@ fn run_shard(
             .iter()
             .map(|s| Rc::new(source::SourceStats::new(s)))
             .collect(),
+        accept_buckets,
     });
     rt.block_on(async move {
         let mut accepts = Vec::with_capacity(sockets.len());
