@@ -1,6 +1,6 @@
-//! Abuse limits over real sockets on both backends: origin allow-list (403), per-IP
-//! connection cap (429), accept rate (503 with Retry-After), per-connection message and byte
-//! rates (close 1008), each counted.
+//! Access control and abuse limits over real sockets on both backends: bearer tokens (401),
+//! origin allow-list (403), per-IP connection cap (429), accept rate (503 with Retry-After),
+//! per-connection message and byte rates (close 1008), each counted.
 
 mod common;
 
@@ -26,15 +26,24 @@ max_messages_per_second = 20
 path = "/slow-bytes"
 kind = "echo"
 max_bytes_per_second = 1000
+[[listener.route]]
+path = "/secure"
+kind = "echo"
+bearer_tokens = ["t0ken-1", "t0ken-2"]
 "#;
 
 /// Upgrade `path` with an optional Origin; returns the status line's code and the raw head.
 fn status_with_origin(addr: SocketAddr, path: &str, origin: Option<&str>) -> (u16, String) {
+    let headers: Vec<(&str, &str)> = origin.map(|o| ("Origin", o)).into_iter().collect();
+    status_with_headers(addr, path, &headers)
+}
+
+/// Upgrade `path` with extra headers; returns the status line's code and the raw head.
+fn status_with_headers(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
     let mut req = Vec::new();
-    let headers: Vec<(&str, &str)> = origin.map(|o| ("Origin", o)).into_iter().collect();
-    write_client_request("x", path, &generate_key([1; 16]), &[], &headers, &mut req);
+    write_client_request("x", path, &generate_key([1; 16]), &[], headers, &mut req);
     s.write_all(&req).unwrap();
     let mut head = Vec::new();
     let mut b = [0u8; 1];
@@ -137,7 +146,26 @@ fn message_and_byte_rates_close_with_1008(io: IoMode) {
     assert!(m.contains("wsedge_rate_limit_closes_total{reason=\"messages\"} 1\n"));
 }
 
+fn bearer_tokens(io: IoMode) {
+    let srv = start(io, 2, ROUTES);
+    let s = |path: &str, h: &[(&str, &str)]| status_with_headers(srv.addr, path, h);
+    let (code, head) = s("/secure", &[]);
+    assert_eq!(code, 401);
+    assert!(head.contains("WWW-Authenticate: Bearer"), "{head}");
+    assert_eq!(s("/secure", &[("Authorization", "Bearer nope")]).0, 401);
+    assert_eq!(s("/secure", &[("Authorization", "Basic t0ken-1")]).0, 401);
+    assert_eq!(s("/secure", &[("Authorization", "Bearer t0ken-2")]).0, 101);
+    assert_eq!(s("/secure", &[("Authorization", "bearer t0ken-1")]).0, 101);
+    assert_eq!(s("/secure?access_token=t0ken-1", &[]).0, 101);
+    assert_eq!(s("/secure?x=1&access_token=t0ken", &[]).0, 401);
+    assert_eq!(s("/echo", &[]).0, 101, "other routes stay open");
+    let t = srv.totals();
+    assert_eq!(t.handshake_failures(HandshakeFailure::AuthMissing), 2);
+    assert_eq!(t.handshake_failures(HandshakeFailure::AuthInvalid), 2);
+}
+
 both_backends!(
+    bearer_tokens,
     origin_allow_list,
     per_ip_cap,
     accept_rate,

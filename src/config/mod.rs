@@ -236,6 +236,8 @@ pub struct Route {
     pub max_messages_per_second: Option<u32>,
     /// Inbound payload bytes per second per connection; beyond it: close 1008.
     pub max_bytes_per_second: Option<u64>,
+    /// Tokens accepted in `Authorization: Bearer` or `?access_token=`; empty = open route.
+    pub bearer_tokens: Vec<String>,
 }
 
 /// The upstream of a `proxy` route.
@@ -565,6 +567,17 @@ fn validate_listener(i: usize, l: &raw::RawListener) -> Result<ListenerConfig, C
                 format!("duplicate route path `{}`", r.path),
             ));
         }
+        if let Some(k) = r
+            .bearer_tokens
+            .iter()
+            .position(|t| t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            // The token itself is not shown: it is a secret.
+            return Err(ConfigError::new(
+                rp(&format!("bearer_tokens[{k}]")),
+                "a token must be non-empty printable ASCII without spaces",
+            ));
+        }
         let kind = match r.kind.as_str() {
             "echo" => RouteKind::Echo,
             "publish" => RouteKind::Publish,
@@ -652,6 +665,7 @@ fn validate_listener(i: usize, l: &raw::RawListener) -> Result<ListenerConfig, C
             max_messages_per_second: (r.max_messages_per_second > 0)
                 .then_some(r.max_messages_per_second),
             max_bytes_per_second: (r.max_bytes_per_second > 0).then_some(r.max_bytes_per_second),
+            bearer_tokens: r.bearer_tokens.clone(),
         });
     }
     if routes.is_empty() {
@@ -970,6 +984,7 @@ mod tests {
                 allowed_origins: vec![],
                 max_messages_per_second: 0,
                 max_bytes_per_second: 0,
+                bearer_tokens: vec![],
             }],
             ..Default::default()
         });
@@ -1062,6 +1077,11 @@ mod tests {
                 "range",
             ),
             ("path='/p'\nkind='proxy'", "upstream", "needs"),
+            (
+                "path='/e'\nkind='echo'\nbearer_tokens=['a b']",
+                "bearer_tokens[0]",
+                "printable",
+            ),
             (
                 "path='/p'\nkind='proxy'\nupstream='wss://h/'",
                 "upstream",

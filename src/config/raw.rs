@@ -126,6 +126,9 @@ pub struct RawRoute {
     /// Inbound payload bytes per second per connection (0 = no limit).
     #[serde(default)]
     pub max_bytes_per_second: u64,
+    /// Bearer tokens accepted (empty = no authentication).
+    #[serde(default)]
+    pub bearer_tokens: Vec<String>,
     /// Subscriber queue cap in bytes (subscribe and pubsub routes only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_queue_bytes: Option<usize>,

@@ -39,11 +39,15 @@ pub enum HandshakeFailure {
     PerIpLimit,
     /// 503: over the listener's `accept_rate`.
     AcceptRate,
+    /// 401: the route wants a bearer token and none was presented.
+    AuthMissing,
+    /// 401: the presented token is not one of the route's.
+    AuthInvalid,
 }
 
 impl HandshakeFailure {
     /// All variants, in label order.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 14] = [
         Self::Malformed,
         Self::MethodNotAllowed,
         Self::UnsupportedVersion,
@@ -56,6 +60,8 @@ impl HandshakeFailure {
         Self::OriginForbidden,
         Self::PerIpLimit,
         Self::AcceptRate,
+        Self::AuthMissing,
+        Self::AuthInvalid,
     ];
 
     /// The metric label value.
@@ -73,6 +79,8 @@ impl HandshakeFailure {
             Self::OriginForbidden => "origin_forbidden",
             Self::PerIpLimit => "per_ip_limit",
             Self::AcceptRate => "accept_rate",
+            Self::AuthMissing => "auth_missing",
+            Self::AuthInvalid => "auth_invalid",
         }
     }
 
@@ -103,7 +111,7 @@ pub struct ShardMetrics {
     bytes_out: Cell<u64>,
     pings_sent: Cell<u64>,
     idle_closes: Cell<u64>,
-    handshake_failures: [Cell<u64>; 12],
+    handshake_failures: [Cell<u64>; 14],
     rate_limit_closes: [Cell<u64>; 2],
     closes: RefCell<Vec<(u16, u64)>>,
 }

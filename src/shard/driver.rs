@@ -190,6 +190,32 @@ async fn read_request(
     }
 }
 
+/// The bearer token of a request: `Authorization: Bearer <t>`, else `?access_token=<t>`.
+fn presented_token(req: &UpgradeRequest) -> Option<&[u8]> {
+    let header = req
+        .headers
+        .iter()
+        .find(|(n, _)| n == "authorization")
+        .and_then(|(_, v)| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim().as_bytes())
+        });
+    header.or_else(|| {
+        let query = req.path.split_once('?')?.1;
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("access_token="))
+            .map(str::as_bytes)
+    })
+}
+
+/// Equality that takes the same time wherever the inputs differ (lengths are not secret).
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// A completed handshake.
 pub(crate) struct Accepted {
     route: usize,
@@ -301,6 +327,27 @@ async fn handshake(ctx: &ShardCtx, listener_idx: usize, stream: &TcpStream) -> O
         respond_and_close(stream, out).await;
         return None;
     };
+    if !route.bearer_tokens.is_empty() {
+        let failure = match presented_token(&req) {
+            None => Some(HandshakeFailure::AuthMissing),
+            Some(t) if !route.bearer_tokens.iter().any(|k| ct_eq(k.as_bytes(), t)) => {
+                Some(HandshakeFailure::AuthInvalid)
+            }
+            Some(_) => None,
+        };
+        if let Some(why) = failure {
+            ctx.metrics.on_handshake_failure(why);
+            // No detail: which of missing or wrong is the metric's business, not the client's.
+            write_error_response(
+                401,
+                "unauthorized",
+                &[("WWW-Authenticate", "Bearer")],
+                &mut out,
+            );
+            respond_and_close(stream, out).await;
+            return None;
+        }
+    }
     if let Some(origin) = &req.origin {
         if !route.allowed_origins.is_empty() && !route.allowed_origins.contains(origin) {
             ctx.metrics
