@@ -238,6 +238,57 @@ pub struct Route {
     pub max_bytes_per_second: Option<u64>,
     /// Tokens accepted in `Authorization: Bearer` or `?access_token=`; empty = open route.
     pub bearer_tokens: Vec<String>,
+    /// JWT authentication (token presented the same way), if configured.
+    pub jwt: Option<JwtAuth>,
+}
+
+/// A route's JWT verification: key, accepted algorithms, required claims.
+#[derive(Clone)]
+pub struct JwtAuth {
+    /// Verification key (HMAC secret or public key).
+    pub key: jsonwebtoken::DecodingKey,
+    /// Algorithms accepted with that key (HS256; or RS256; or ES256).
+    pub algorithm: jsonwebtoken::Algorithm,
+    /// Required `aud`.
+    pub audience: Option<String>,
+    /// Required `iss`.
+    pub issuer: Option<String>,
+    /// Claim that lists the allowed topics (`"*"` allows all).
+    pub topics_claim: Option<String>,
+    /// Where the key came from, for `Debug` and equality (never the secret itself).
+    source: String,
+}
+
+impl PartialEq for JwtAuth {
+    fn eq(&self, o: &Self) -> bool {
+        (
+            &self.source,
+            self.algorithm,
+            &self.audience,
+            &self.issuer,
+            &self.topics_claim,
+        ) == (
+            &o.source,
+            o.algorithm,
+            &o.audience,
+            &o.issuer,
+            &o.topics_claim,
+        )
+    }
+}
+
+impl Eq for JwtAuth {}
+
+impl fmt::Debug for JwtAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtAuth")
+            .field("key", &self.source)
+            .field("algorithm", &self.algorithm)
+            .field("audience", &self.audience)
+            .field("issuer", &self.issuer)
+            .field("topics_claim", &self.topics_claim)
+            .finish()
+    }
 }
 
 /// The upstream of a `proxy` route.
@@ -578,6 +629,13 @@ fn validate_listener(i: usize, l: &raw::RawListener) -> Result<ListenerConfig, C
                 "a token must be non-empty printable ASCII without spaces",
             ));
         }
+        let jwt = jwt_auth(r, &rp)?;
+        if jwt.is_some() && !r.bearer_tokens.is_empty() {
+            return Err(ConfigError::new(
+                rp("bearer_tokens"),
+                "a route authenticates with bearer_tokens or with a JWT key, not both",
+            ));
+        }
         let kind = match r.kind.as_str() {
             "echo" => RouteKind::Echo,
             "publish" => RouteKind::Publish,
@@ -666,6 +724,7 @@ fn validate_listener(i: usize, l: &raw::RawListener) -> Result<ListenerConfig, C
                 .then_some(r.max_messages_per_second),
             max_bytes_per_second: (r.max_bytes_per_second > 0).then_some(r.max_bytes_per_second),
             bearer_tokens: r.bearer_tokens.clone(),
+            jwt,
         });
     }
     if routes.is_empty() {
@@ -725,6 +784,78 @@ fn is_token(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+}
+
+/// The JWT keys of a route, validated and loaded.
+fn jwt_auth(
+    r: &raw::RawRoute,
+    rp: &dyn Fn(&str) -> String,
+) -> Result<Option<JwtAuth>, ConfigError> {
+    use jsonwebtoken::{Algorithm, DecodingKey};
+    let (key, algorithm, source) = match (r.jwt_secret.as_str(), r.jwt_public_key_file.as_str()) {
+        ("", "") => {
+            let stray = [
+                ("jwt_audience", &r.jwt_audience),
+                ("jwt_issuer", &r.jwt_issuer),
+                ("jwt_topics_claim", &r.jwt_topics_claim),
+            ];
+            return match stray.iter().find(|(_, v)| !v.is_empty()) {
+                Some((k, _)) => Err(ConfigError::new(
+                    rp(k),
+                    "needs jwt_secret or jwt_public_key_file",
+                )),
+                None => Ok(None),
+            };
+        }
+        (secret, "") => {
+            if secret.len() < 32 {
+                return Err(ConfigError::new(
+                    rp("jwt_secret"),
+                    "an HS256 secret must be at least 32 bytes",
+                ));
+            }
+            (
+                DecodingKey::from_secret(secret.as_bytes()),
+                Algorithm::HS256,
+                "secret".to_string(),
+            )
+        }
+        ("", file) => {
+            let pem = std::fs::read(file).map_err(|e| {
+                ConfigError::new(
+                    rp("jwt_public_key_file"),
+                    format!("cannot read {file}: {e}"),
+                )
+            })?;
+            match DecodingKey::from_ec_pem(&pem) {
+                Ok(k) => (k, Algorithm::ES256, file.to_string()),
+                Err(_) => match DecodingKey::from_rsa_pem(&pem) {
+                    Ok(k) => (k, Algorithm::RS256, file.to_string()),
+                    Err(_) => {
+                        return Err(ConfigError::new(
+                            rp("jwt_public_key_file"),
+                            format!("{file} holds no PEM EC (P-256) or RSA public key"),
+                        ));
+                    }
+                },
+            }
+        }
+        _ => {
+            return Err(ConfigError::new(
+                rp("jwt_secret"),
+                "set jwt_secret or jwt_public_key_file, not both",
+            ));
+        }
+    };
+    let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    Ok(Some(JwtAuth {
+        key,
+        algorithm,
+        audience: opt(&r.jwt_audience),
+        issuer: opt(&r.jwt_issuer),
+        topics_claim: opt(&r.jwt_topics_claim),
+        source,
+    }))
 }
 
 /// Extra request headers: valid names, not the handshake's own, values without line breaks.
@@ -985,6 +1116,11 @@ mod tests {
                 max_messages_per_second: 0,
                 max_bytes_per_second: 0,
                 bearer_tokens: vec![],
+                jwt_secret: String::new(),
+                jwt_public_key_file: String::new(),
+                jwt_audience: String::new(),
+                jwt_issuer: String::new(),
+                jwt_topics_claim: String::new(),
             }],
             ..Default::default()
         });
@@ -1081,6 +1217,21 @@ mod tests {
                 "path='/e'\nkind='echo'\nbearer_tokens=['a b']",
                 "bearer_tokens[0]",
                 "printable",
+            ),
+            (
+                "path='/e'\nkind='echo'\njwt_secret='short'",
+                "jwt_secret",
+                "32 bytes",
+            ),
+            (
+                "path='/e'\nkind='echo'\njwt_audience='a'",
+                "jwt_audience",
+                "needs",
+            ),
+            (
+                "path='/e'\nkind='echo'\njwt_public_key_file='/nonexistent.pem'",
+                "jwt_public_key_file",
+                "cannot read",
             ),
             (
                 "path='/p'\nkind='proxy'\nupstream='wss://h/'",

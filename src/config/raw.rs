@@ -129,6 +129,21 @@ pub struct RawRoute {
     /// Bearer tokens accepted (empty = no authentication).
     #[serde(default)]
     pub bearer_tokens: Vec<String>,
+    /// HMAC secret for HS256 JWTs ("" = none).
+    #[serde(default)]
+    pub jwt_secret: String,
+    /// PEM public key (RSA or EC P-256) for RS256/ES256 JWTs ("" = none).
+    #[serde(default)]
+    pub jwt_public_key_file: String,
+    /// Required `aud` ("" = not checked).
+    #[serde(default)]
+    pub jwt_audience: String,
+    /// Required `iss` ("" = not checked).
+    #[serde(default)]
+    pub jwt_issuer: String,
+    /// Claim listing the topics the token may use ("" = any topic).
+    #[serde(default)]
+    pub jwt_topics_claim: String,
     /// Subscriber queue cap in bytes (subscribe and pubsub routes only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_queue_bytes: Option<usize>,

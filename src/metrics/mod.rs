@@ -41,13 +41,22 @@ pub enum HandshakeFailure {
     AcceptRate,
     /// 401: the route wants a bearer token and none was presented.
     AuthMissing,
-    /// 401: the presented token is not one of the route's.
+    /// 401: the presented token is not one of the route's, or not a valid JWT (signature,
+    /// format, algorithm).
     AuthInvalid,
+    /// 401: the JWT has expired (`exp`).
+    JwtExpired,
+    /// 401: the JWT is not valid yet (`nbf`).
+    JwtNotYetValid,
+    /// 401: the JWT's `aud` or `iss` is not the required one.
+    JwtClaims,
+    /// 403: the JWT's topics claim does not list the route's topic.
+    TopicForbidden,
 }
 
 impl HandshakeFailure {
     /// All variants, in label order.
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 18] = [
         Self::Malformed,
         Self::MethodNotAllowed,
         Self::UnsupportedVersion,
@@ -62,6 +71,10 @@ impl HandshakeFailure {
         Self::AcceptRate,
         Self::AuthMissing,
         Self::AuthInvalid,
+        Self::JwtExpired,
+        Self::JwtNotYetValid,
+        Self::JwtClaims,
+        Self::TopicForbidden,
     ];
 
     /// The metric label value.
@@ -81,6 +94,10 @@ impl HandshakeFailure {
             Self::AcceptRate => "accept_rate",
             Self::AuthMissing => "auth_missing",
             Self::AuthInvalid => "auth_invalid",
+            Self::JwtExpired => "jwt_expired",
+            Self::JwtNotYetValid => "jwt_not_yet_valid",
+            Self::JwtClaims => "jwt_claims",
+            Self::TopicForbidden => "topic_forbidden",
         }
     }
 
@@ -111,7 +128,7 @@ pub struct ShardMetrics {
     bytes_out: Cell<u64>,
     pings_sent: Cell<u64>,
     idle_closes: Cell<u64>,
-    handshake_failures: [Cell<u64>; 14],
+    handshake_failures: [Cell<u64>; 18],
     rate_limit_closes: [Cell<u64>; 2],
     closes: RefCell<Vec<(u16, u64)>>,
 }

@@ -211,6 +211,48 @@ fn presented_token(req: &UpgradeRequest) -> Option<&[u8]> {
     })
 }
 
+/// Verify a JWT for a route (and its topic, on topic routes). The error is the metric
+/// reason; the client only learns 401 or 403.
+fn check_jwt(
+    jwt: &crate::config::JwtAuth,
+    token: Option<&[u8]>,
+    topic: &str,
+) -> Result<(), HandshakeFailure> {
+    use jsonwebtoken::errors::ErrorKind;
+    let token = token.ok_or(HandshakeFailure::AuthMissing)?;
+    let token = std::str::from_utf8(token).map_err(|_| HandshakeFailure::AuthInvalid)?;
+    let mut v = jsonwebtoken::Validation::new(jwt.algorithm);
+    v.leeway = 5;
+    v.validate_nbf = true;
+    match &jwt.audience {
+        Some(a) => v.set_audience(&[a]),
+        None => v.validate_aud = false,
+    }
+    if let Some(i) = &jwt.issuer {
+        v.set_issuer(&[i]);
+    }
+    let data =
+        jsonwebtoken::decode::<serde_json::Value>(token, &jwt.key, &v).map_err(|e| {
+            match e.kind() {
+                ErrorKind::ExpiredSignature => HandshakeFailure::JwtExpired,
+                ErrorKind::ImmatureSignature => HandshakeFailure::JwtNotYetValid,
+                ErrorKind::InvalidAudience
+                | ErrorKind::InvalidIssuer
+                | ErrorKind::MissingRequiredClaim(_) => HandshakeFailure::JwtClaims,
+                _ => HandshakeFailure::AuthInvalid,
+            }
+        })?;
+    if let (Some(claim), false) = (&jwt.topics_claim, topic.is_empty()) {
+        let allowed = data.claims[claim.as_str()]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|t| t == "*" || t == topic));
+        if !allowed {
+            return Err(HandshakeFailure::TopicForbidden);
+        }
+    }
+    Ok(())
+}
+
 /// Equality that takes the same time wherever the inputs differ (lengths are not secret).
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -344,6 +386,18 @@ async fn handshake(ctx: &ShardCtx, listener_idx: usize, stream: &TcpStream) -> O
                 &[("WWW-Authenticate", "Bearer")],
                 &mut out,
             );
+            respond_and_close(stream, out).await;
+            return None;
+        }
+    }
+    if let Some(jwt) = &route.jwt {
+        if let Err(why) = check_jwt(jwt, presented_token(&req), topic) {
+            ctx.metrics.on_handshake_failure(why);
+            let (status, body, extra): (u16, &str, &[(&str, &str)]) = match why {
+                HandshakeFailure::TopicForbidden => (403, "forbidden", &[]),
+                _ => (401, "unauthorized", &[("WWW-Authenticate", "Bearer")]),
+            };
+            write_error_response(status, body, extra, &mut out);
             respond_and_close(stream, out).await;
             return None;
         }
