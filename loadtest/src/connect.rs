@@ -2,6 +2,11 @@
 //! connections per second), hold them open answering pings, then close them; measure the
 //! connect + upgrade latency of each (from its *scheduled* start, so a server that stalls
 //! accepts shows up as latency) and count failures by cause.
+//!
+//! With `--churn R`, during the hold R connections per second (over all of them) are closed
+//! with the close handshake and opened again at once: each connection cycles every
+//! `conns / R` seconds, phases spread evenly, and every re-connection's handshake is measured
+//! like the first (from when it started).
 
 use std::cell::RefCell;
 use std::net::IpAddr;
@@ -27,6 +32,8 @@ pub struct ConnectParams {
     pub rate: f64,
     /// How long every connection stays open after the ramp ends.
     pub hold: Duration,
+    /// Connections closed and re-opened per second during the hold (`None` = no churn).
+    pub churn: Option<f64>,
     /// Source addresses to spread connections over.
     pub sources: Vec<IpAddr>,
 }
@@ -49,38 +56,60 @@ pub fn worker(
     let rt = compio::runtime::Runtime::new().expect("runtime builds");
     rt.block_on(async move {
         let stats = Rc::new(RefCell::new(WorkerStats::new()));
-        let end = start + params.ramp() + params.hold;
+        let ramp_end = start + params.ramp();
+        let end = ramp_end + params.hold;
+        // With churn, each connection is re-opened every `period`, at its own phase.
+        let period = params
+            .churn
+            .map(|r| Duration::from_secs_f64(params.conns as f64 / r));
         let tasks: Vec<_> = (first..first + n)
             .map(|i| {
                 let (params, live, stats) = (params.clone(), live.clone(), stats.clone());
                 compio::runtime::spawn(async move {
-                    let at = start + Duration::from_secs_f64(i as f64 / params.rate);
+                    let mut at = start + Duration::from_secs_f64(i as f64 / params.rate);
+                    let mut next_cycle =
+                        period.map(|p| ramp_end + p.mul_f64(i as f64 / params.conns as f64));
+                    let mut cycle = 0u64;
                     compio::time::sleep_until(at).await;
-                    let src = (!params.sources.is_empty())
-                        .then(|| params.sources[i % params.sources.len()]);
-                    let seed = client::splitmix(i as u64 ^ 0xC0FFEE);
-                    match client::connect(&params.target, src, seed).await {
-                        Ok(c) => {
-                            let now = Instant::now();
-                            let second = now.saturating_duration_since(start).as_secs() as usize;
-                            {
-                                let mut s = stats.borrow_mut();
-                                s.connected += 1;
-                                s.record(second, now.saturating_duration_since(at), &live);
-                            }
-                            Live::add(&live.connections, 1);
-                            Live::add(&live.messages, 1);
-                            if let Err(label) = hold(c, end).await {
+                    loop {
+                        let src = (!params.sources.is_empty())
+                            .then(|| params.sources[i % params.sources.len()]);
+                        let seed = client::splitmix((i as u64 ^ 0xC0FFEE) + (cycle << 32));
+                        let c = match client::connect(&params.target, src, seed).await {
+                            Ok(c) => c,
+                            Err(e) => {
                                 Live::add(&live.errors, 1);
-                                stats.borrow_mut().error(label);
+                                stats.borrow_mut().error(e.label());
+                                break;
                             }
-                            live.connections
-                                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                        };
+                        let now = Instant::now();
+                        let second = now.saturating_duration_since(start).as_secs() as usize;
+                        {
+                            let mut s = stats.borrow_mut();
+                            s.connected += 1;
+                            s.churned += u64::from(cycle > 0);
+                            s.record(second, now.saturating_duration_since(at), &live);
                         }
-                        Err(e) => {
+                        Live::add(&live.connections, 1);
+                        Live::add(&live.messages, 1);
+                        // Hold until this connection's next churn turn, or the end.
+                        let until = next_cycle.filter(|t| *t < end).unwrap_or(end);
+                        let held = hold(c, until).await;
+                        live.connections
+                            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                        if let Err(label) = held {
                             Live::add(&live.errors, 1);
-                            stats.borrow_mut().error(e.label());
+                            stats.borrow_mut().error(label);
+                            break;
                         }
+                        if until >= end {
+                            break;
+                        }
+                        // Re-open at once; its handshake is timed from now.
+                        cycle += 1;
+                        at = Instant::now();
+                        next_cycle = next_cycle.zip(period).map(|(t, p)| t + p);
                     }
                 })
             })

@@ -83,6 +83,9 @@ struct ConnectArgs {
     /// Seconds every connection stays open after the ramp.
     #[arg(long, default_value_t = 5.0)]
     hold: f64,
+    /// During the hold, close and re-open this many connections per second (all together).
+    #[arg(long)]
+    churn: Option<f64>,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -562,6 +565,8 @@ struct ConnectReport {
     peak_open: u64,
     rate_per_s: f64,
     hold_s: f64,
+    churn_per_s: Option<f64>,
+    reconnects: u64,
     handshake_latency: Latency,
     handshake_latency_percentiles: Vec<Percentile>,
     timeline: Vec<Second>,
@@ -614,12 +619,16 @@ fn run_connect(a: ConnectArgs) -> anyhow::Result<()> {
     if a.conns == 0 || a.common.threads == 0 || a.rate <= 0.0 || a.hold < 0.0 {
         bail!("--conns and --threads must be at least 1, --rate > 0, --hold ≥ 0");
     }
+    if a.churn.is_some_and(|c| c <= 0.0 || !c.is_finite()) {
+        bail!("--churn must be a positive rate (connections per second)");
+    }
     let (target, sources) = prepare(&a.url, a.common.source.as_deref(), a.conns)?;
     let params = Arc::new(connect::ConnectParams {
         target,
         conns: a.conns,
         rate: a.rate,
         hold: Duration::from_secs_f64(a.hold),
+        churn: a.churn,
         sources,
     });
     let live = Arc::new(Live::default());
@@ -662,10 +671,12 @@ fn run_connect(a: ConnectArgs) -> anyhow::Result<()> {
         scenario: "connect",
         url: a.url.clone(),
         conns_requested: a.conns,
-        conns_established: total.connected,
+        conns_established: total.connected - total.churned,
         peak_open: peak,
         rate_per_s: a.rate,
         hold_s: a.hold,
+        churn_per_s: a.churn,
+        reconnects: total.churned,
         handshake_latency: Latency::of(&total.hist),
         handshake_latency_percentiles: percentiles(&total.hist),
         // Every recorded second: a slow handshake may complete after the hold.
@@ -682,6 +693,12 @@ fn run_connect(a: ConnectArgs) -> anyhow::Result<()> {
         report.rate_per_s,
         report.hold_s
     );
+    if let Some(c) = report.churn_per_s {
+        println!(
+            "  churn {c}/s: {} re-connections during the hold",
+            report.reconnects
+        );
+    }
     print_latency_and_errors("handshake", l, &report.errors);
     if let Some(path) = &a.common.json {
         write_json(path, &report)?;

@@ -53,6 +53,8 @@ pub struct WorkerStats {
     pub messages: u64,
     /// Connections established.
     pub connected: u64,
+    /// `connect --churn`: of those, re-connections made after a churn close.
+    pub churned: u64,
     /// Open loop: sends that left more than 1 ms after their scheduled time.
     pub late_sends: u64,
     /// Open loop: scheduled sends skipped because the connection already had
@@ -71,6 +73,7 @@ impl WorkerStats {
             errors: BTreeMap::new(),
             messages: 0,
             connected: 0,
+            churned: 0,
             late_sends: 0,
             skipped_sends: 0,
             published: 0,
@@ -119,6 +122,7 @@ impl WorkerStats {
         }
         self.messages += other.messages;
         self.connected += other.connected;
+        self.churned += other.churned;
         self.late_sends += other.late_sends;
         self.skipped_sends += other.skipped_sends;
     }
