@@ -81,6 +81,65 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// Upstream streams published into topics (enabled ones only).
     pub sources: Vec<SourceConfig>,
+    /// Sinks of ingest routes, by index (routes refer to them by [`IngestRoute::sink`]).
+    pub sinks: Vec<SinkConfig>,
+}
+
+/// How a sink frames a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// One message per line.
+    Ndjson,
+    /// One JSON array per batch, one batch per line.
+    JsonArray,
+}
+
+/// How a sink compresses a batch (each batch is one gzip member / zstd frame, so the file is
+/// a valid concatenation that `zcat` / `zstd -d` read whole).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Plain.
+    None,
+    /// gzip.
+    Gzip,
+    /// zstd.
+    Zstd,
+}
+
+/// One `[[sink]]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkConfig {
+    /// Name.
+    pub name: String,
+    /// File path.
+    pub path: std::path::PathBuf,
+    /// Batch framing.
+    pub framing: Framing,
+    /// Batch compression.
+    pub compression: Compression,
+    /// Rotate before the file would exceed this (`None` = never).
+    pub rotate_bytes: Option<u64>,
+    /// Batch caps.
+    pub max_batch_messages: usize,
+    /// Batch byte cap (payload bytes).
+    pub max_batch_bytes: usize,
+    /// Batch age cap.
+    pub max_batch_delay: Duration,
+    /// Queue length between shards and sink.
+    pub buffer_chunks: usize,
+}
+
+/// What an ingest route does with its messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IngestRoute {
+    /// Index into [`Config::sinks`].
+    pub sink: usize,
+    /// `true`: every message must parse as JSON; `false`: text messages (UTF-8).
+    pub json: bool,
+    /// Close the connection (1007) on an invalid message instead of continuing.
+    pub close_on_error: bool,
+    /// Sink for invalid messages (index into [`Config::sinks`]).
+    pub dead_letter: Option<usize>,
 }
 
 /// What a source accepts from its upstream.
@@ -240,6 +299,8 @@ pub struct Route {
     pub bearer_tokens: Vec<String>,
     /// JWT authentication (token presented the same way), if configured.
     pub jwt: Option<JwtAuth>,
+    /// Ingest routes: sink, format, error policy.
+    pub ingest: Option<IngestRoute>,
 }
 
 /// A route's JWT verification: key, accepted algorithms, required claims.
@@ -353,6 +414,8 @@ pub enum RouteKind {
     PubSub,
     /// Relay the connection 1:1 to an upstream WebSocket server.
     Proxy,
+    /// Validate every message and deliver it, batched and compressed, to a sink.
+    Ingest,
 }
 
 impl RouteKind {
@@ -446,11 +509,22 @@ impl Config {
                 "at least one [[listener]] is required",
             ));
         }
+        let mut sinks = Vec::with_capacity(raw.sink.len());
+        for (i, r) in raw.sink.iter().enumerate() {
+            let s = validate_sink(i, r)?;
+            if sinks.iter().any(|x: &SinkConfig| x.name == s.name) {
+                return Err(ConfigError::new(
+                    format!("sink[{i}].name"),
+                    format!("duplicate sink name `{}`", s.name),
+                ));
+            }
+            sinks.push(s);
+        }
         let mut names = HashSet::new();
         let mut binds = HashSet::new();
         let mut listeners = Vec::with_capacity(raw.listener.len());
         for (i, l) in raw.listener.iter().enumerate() {
-            let listener = validate_listener(i, l)?;
+            let listener = validate_listener(i, l, &sinks)?;
             if !names.insert(listener.name.clone()) {
                 return Err(ConfigError::new(
                     format!("listener[{i}].name"),
@@ -496,6 +570,7 @@ impl Config {
             listeners,
             admin,
             sources,
+            sinks,
         })
     }
 }
@@ -594,7 +669,11 @@ fn validate_source(i: usize, r: &raw::RawSource) -> Result<SourceConfig, ConfigE
     })
 }
 
-fn validate_listener(i: usize, l: &raw::RawListener) -> Result<ListenerConfig, ConfigError> {
+fn validate_listener(
+    i: usize,
+    l: &raw::RawListener,
+    sinks: &[SinkConfig],
+) -> Result<ListenerConfig, ConfigError> {
     let p = |key: &str| format!("listener[{i}].{key}");
     let name = if l.name.is_empty() {
         format!("listener{i}")
@@ -642,11 +721,12 @@ fn validate_listener(i: usize, l: &raw::RawListener) -> Result<ListenerConfig, C
             "subscribe" => RouteKind::Subscribe,
             "pubsub" => RouteKind::PubSub,
             "proxy" => RouteKind::Proxy,
+            "ingest" => RouteKind::Ingest,
             other => {
                 return Err(ConfigError::new(
                     rp("kind"),
                     format!(
-                        "unknown route kind `{other}` (expected: echo, publish, subscribe, pubsub, proxy)"
+                        "unknown route kind `{other}` (expected: echo, publish, subscribe, pubsub, proxy, ingest)"
                     ),
                 ));
             }
@@ -660,7 +740,7 @@ fn validate_listener(i: usize, l: &raw::RawListener) -> Result<ListenerConfig, C
             ));
         }
         match (kind, templated) {
-            (RouteKind::Echo | RouteKind::Proxy, true) => {
+            (RouteKind::Echo | RouteKind::Proxy | RouteKind::Ingest, true) => {
                 return Err(ConfigError::new(
                     rp("path"),
                     format!("a {} route has no topic; remove `{{topic}}`", r.kind),
@@ -725,6 +805,7 @@ fn validate_listener(i: usize, l: &raw::RawListener) -> Result<ListenerConfig, C
             max_bytes_per_second: (r.max_bytes_per_second > 0).then_some(r.max_bytes_per_second),
             bearer_tokens: r.bearer_tokens.clone(),
             jwt,
+            ingest: ingest_route(r, kind, sinks, &rp)?,
         });
     }
     if routes.is_empty() {
@@ -784,6 +865,121 @@ fn is_token(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+}
+
+/// The ingest keys of a route: required on ingest routes, refused elsewhere.
+fn ingest_route(
+    r: &raw::RawRoute,
+    kind: RouteKind,
+    sinks: &[SinkConfig],
+    rp: &dyn Fn(&str) -> String,
+) -> Result<Option<IngestRoute>, ConfigError> {
+    if kind != RouteKind::Ingest {
+        let set = [
+            ("sink", r.sink.is_some()),
+            ("format", r.format.is_some()),
+            ("on_error", r.on_error.is_some()),
+            ("dead_letter", r.dead_letter.is_some()),
+        ];
+        return match set.iter().find(|(_, s)| *s) {
+            Some((key, _)) => Err(ConfigError::new(
+                rp(key),
+                format!("only ingest routes have a sink, not {}", r.kind),
+            )),
+            None => Ok(None),
+        };
+    }
+    let find = |key: &str, name: &str| {
+        sinks
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| ConfigError::new(rp(key), format!("no [[sink]] is named `{name}`")))
+    };
+    let Some(sink) = &r.sink else {
+        return Err(ConfigError::new(
+            rp("sink"),
+            "an ingest route needs `sink = \"name\"`",
+        ));
+    };
+    let sink = find("sink", sink)?;
+    let json = match r.format.as_deref().unwrap_or("json") {
+        "json" => true,
+        "text" => false,
+        other => {
+            return Err(ConfigError::new(
+                rp("format"),
+                format!("unknown format `{other}` (expected text or json)"),
+            ));
+        }
+    };
+    let close_on_error = match r.on_error.as_deref().unwrap_or("continue") {
+        "continue" => false,
+        "close" => true,
+        other => {
+            return Err(ConfigError::new(
+                rp("on_error"),
+                format!("unknown policy `{other}` (expected continue or close)"),
+            ));
+        }
+    };
+    let dead_letter = match r.dead_letter.as_deref().unwrap_or("") {
+        "" => None,
+        name => Some(find("dead_letter", name)?),
+    };
+    Ok(Some(IngestRoute {
+        sink,
+        json,
+        close_on_error,
+        dead_letter,
+    }))
+}
+
+fn validate_sink(i: usize, r: &raw::RawSink) -> Result<SinkConfig, ConfigError> {
+    let p = |key: &str| format!("sink[{i}].{key}");
+    if r.name.is_empty() {
+        return Err(ConfigError::new(p("name"), "a sink needs a name"));
+    }
+    if r.kind != "file" {
+        return Err(ConfigError::new(
+            p("kind"),
+            format!("unknown sink kind `{}` (expected file)", r.kind),
+        ));
+    }
+    if r.path.is_empty() {
+        return Err(ConfigError::new(p("path"), "a file sink needs a path"));
+    }
+    let framing = match r.framing.as_str() {
+        "ndjson" => Framing::Ndjson,
+        "json_array" => Framing::JsonArray,
+        other => {
+            return Err(ConfigError::new(
+                p("framing"),
+                format!("unknown framing `{other}` (expected ndjson or json_array)"),
+            ));
+        }
+    };
+    let compression = match r.compression.as_str() {
+        "none" => Compression::None,
+        "gzip" => Compression::Gzip,
+        "zstd" => Compression::Zstd,
+        other => {
+            return Err(ConfigError::new(
+                p("compression"),
+                format!("unknown compression `{other}` (expected none, gzip or zstd)"),
+            ));
+        }
+    };
+    Ok(SinkConfig {
+        name: r.name.clone(),
+        path: r.path.clone().into(),
+        framing,
+        compression,
+        rotate_bytes: (r.rotate_bytes > 0).then_some(r.rotate_bytes),
+        max_batch_messages: bounded(r.max_batch_messages, 1, 1 << 24, &p("max_batch_messages"))?,
+        max_batch_bytes: bounded(r.max_batch_bytes, 1, 1 << 30, &p("max_batch_bytes"))?,
+        max_batch_delay: positive_ms(r.max_batch_delay_ms, &p("max_batch_delay_ms"))?,
+        buffer_chunks: bounded(r.buffer_chunks, 1, 1 << 20, &p("buffer_chunks"))?,
+    })
 }
 
 /// The JWT keys of a route, validated and loaded.
@@ -1121,10 +1317,15 @@ mod tests {
                 jwt_audience: String::new(),
                 jwt_issuer: String::new(),
                 jwt_topics_claim: String::new(),
+                sink: Some("s".into()),
+                format: Some("json".into()),
+                on_error: Some("continue".into()),
+                dead_letter: Some(String::new()),
             }],
             ..Default::default()
         });
         raw.source.push(raw::RawSource::default());
+        raw.sink.push(raw::RawSink::default());
         keys(&toml::Value::try_from(&raw).unwrap(), "", &mut from_types);
         let mut from_default = Default::default();
         keys(

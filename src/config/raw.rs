@@ -18,6 +18,8 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     /// `[[source]]`: upstream WebSocket streams published into topics.
     pub source: Vec<RawSource>,
+    /// `[[sink]]`: where ingest routes deliver their batches.
+    pub sink: Vec<RawSink>,
 }
 
 /// `[runtime]`.
@@ -144,6 +146,18 @@ pub struct RawRoute {
     /// Claim listing the topics the token may use ("" = any topic).
     #[serde(default)]
     pub jwt_topics_claim: String,
+    /// Sink that receives the messages (ingest routes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sink: Option<String>,
+    /// `text` or `json` (ingest routes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// `continue` or `close` on an invalid message (ingest routes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_error: Option<String>,
+    /// Sink for invalid messages ("" = none; ingest routes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<String>,
     /// Subscriber queue cap in bytes (subscribe and pubsub routes only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_queue_bytes: Option<usize>,
@@ -246,6 +260,49 @@ impl Default for RawSource {
             reconnect_max_ms: 30_000,
             reconnect_multiplier: 2.0,
             reconnect_max_attempts: -1,
+        }
+    }
+}
+
+/// `[[sink]]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSink {
+    /// Name routes refer to.
+    pub name: String,
+    /// `file`.
+    pub kind: String,
+    /// File path (created on the first batch).
+    pub path: String,
+    /// `ndjson` or `json_array`.
+    pub framing: String,
+    /// `none`, `gzip` or `zstd`.
+    pub compression: String,
+    /// Rotate when the file would exceed this many bytes (0 = never).
+    pub rotate_bytes: u64,
+    /// A batch is written at this many messages...
+    pub max_batch_messages: usize,
+    /// ...or bytes...
+    pub max_batch_bytes: usize,
+    /// ...or this long after its first message.
+    pub max_batch_delay_ms: u64,
+    /// Chunks queued between the shards and the sink before ingest clients stop being read.
+    pub buffer_chunks: usize,
+}
+
+impl Default for RawSink {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            kind: "file".into(),
+            path: String::new(),
+            framing: "ndjson".into(),
+            compression: "none".into(),
+            rotate_bytes: 0,
+            max_batch_messages: 1000,
+            max_batch_bytes: 1 << 20,
+            max_batch_delay_ms: 100,
+            buffer_chunks: 64,
         }
     }
 }

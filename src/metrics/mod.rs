@@ -128,6 +128,9 @@ pub struct ShardMetrics {
     bytes_out: Cell<u64>,
     pings_sent: Cell<u64>,
     idle_closes: Cell<u64>,
+    ingest_accepted: Cell<u64>,
+    ingest_invalid: Cell<u64>,
+    ingest_waits: Cell<u64>,
     handshake_failures: [Cell<u64>; 18],
     rate_limit_closes: [Cell<u64>; 2],
     closes: RefCell<Vec<(u16, u64)>>,
@@ -178,6 +181,21 @@ impl ShardMetrics {
         bump(&self.idle_closes, 1);
     }
 
+    /// Valid ingest messages handed to a sink.
+    pub fn on_ingest_accepted(&self, n: u64) {
+        bump(&self.ingest_accepted, n);
+    }
+
+    /// An ingest message failed validation.
+    pub fn on_ingest_invalid(&self) {
+        bump(&self.ingest_invalid, 1);
+    }
+
+    /// An ingest connection had to wait for its sink (backpressure).
+    pub fn on_ingest_wait(&self) {
+        bump(&self.ingest_waits, 1);
+    }
+
     /// A connection was closed for exceeding a per-connection rate limit.
     pub fn on_rate_limit_close(&self, why: crate::ratelimit::RateExceeded) {
         bump(&self.rate_limit_closes[why as usize], 1);
@@ -207,6 +225,9 @@ impl ShardMetrics {
             bytes_out: self.bytes_out.get(),
             pings_sent: self.pings_sent.get(),
             idle_closes: self.idle_closes.get(),
+            ingest_accepted: self.ingest_accepted.get(),
+            ingest_invalid: self.ingest_invalid.get(),
+            ingest_waits: self.ingest_waits.get(),
             handshake_failures: HandshakeFailure::ALL
                 .iter()
                 .map(|f| (f.label(), self.handshake_failures[*f as usize].get()))
@@ -246,6 +267,12 @@ pub struct Snapshot {
     pub pings_sent: u64,
     /// Connections closed after a ping went unanswered.
     pub idle_closes: u64,
+    /// Valid ingest messages handed to sinks.
+    pub ingest_accepted: u64,
+    /// Ingest messages that failed validation.
+    pub ingest_invalid: u64,
+    /// Times an ingest connection waited for a full sink queue (and stopped reading).
+    pub ingest_waits: u64,
     /// Handshake failures by reason label.
     pub handshake_failures: Vec<(&'static str, u64)>,
     /// Connections ended, by close code.
@@ -292,6 +319,9 @@ impl Snapshot {
         self.bytes_out += other.bytes_out;
         self.pings_sent += other.pings_sent;
         self.idle_closes += other.idle_closes;
+        self.ingest_accepted += other.ingest_accepted;
+        self.ingest_invalid += other.ingest_invalid;
+        self.ingest_waits += other.ingest_waits;
         for (label, n) in &other.handshake_failures {
             match self.handshake_failures.iter_mut().find(|(l, _)| l == label) {
                 Some((_, m)) => *m += n,
@@ -351,6 +381,27 @@ pub struct Info {
     pub shards: usize,
     /// True while draining for shutdown.
     pub draining: bool,
+    /// Ingest sinks (process-wide, not per shard).
+    pub sinks: Vec<SinkSnapshot>,
+}
+
+/// Counters of one ingest sink.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct SinkSnapshot {
+    /// Sink name.
+    pub name: String,
+    /// Batches written.
+    pub batches: u64,
+    /// Messages written.
+    pub messages: u64,
+    /// Bytes appended to the file (after compression).
+    pub bytes_written: u64,
+    /// File rotations.
+    pub rotations: u64,
+    /// Failed writes (each retried).
+    pub write_errors: u64,
+    /// Messages given up on (only at shutdown, after repeated write failures).
+    pub dropped: u64,
 }
 
 /// Prometheus text exposition (version 0.0.4) of the merged counters.
@@ -590,6 +641,67 @@ pub fn render_prometheus(info: &Info, snaps: &[Snapshot]) -> String {
             metric(name, kind, help, &series);
         }
     }
+    let ingest: [(&str, &str, u64); 3] = [
+        (
+            "wsedge_ingest_accepted_total",
+            "Valid ingest messages handed to sinks.",
+            t.ingest_accepted,
+        ),
+        (
+            "wsedge_ingest_invalid_total",
+            "Ingest messages that failed validation (sent to the dead-letter sink if any).",
+            t.ingest_invalid,
+        ),
+        (
+            "wsedge_ingest_backpressure_waits_total",
+            "Times an ingest connection stopped reading because its sink queue was full.",
+            t.ingest_waits,
+        ),
+    ];
+    for (name, help, v) in ingest {
+        metric(name, "counter", help, &[(String::new(), v)]);
+    }
+    type SinkField = fn(&SinkSnapshot) -> u64;
+    let per_sink: [(&str, &str, SinkField); 6] = [
+        (
+            "wsedge_sink_batches_total",
+            "Batches written by the sink.",
+            |s| s.batches,
+        ),
+        (
+            "wsedge_sink_messages_total",
+            "Messages written by the sink.",
+            |s| s.messages,
+        ),
+        (
+            "wsedge_sink_bytes_written_total",
+            "Bytes appended (after compression).",
+            |s| s.bytes_written,
+        ),
+        ("wsedge_sink_rotations_total", "File rotations.", |s| {
+            s.rotations
+        }),
+        (
+            "wsedge_sink_write_errors_total",
+            "Failed writes (retried).",
+            |s| s.write_errors,
+        ),
+        (
+            "wsedge_sink_dropped_total",
+            "Messages given up on at shutdown after write failures.",
+            |s| s.dropped,
+        ),
+    ];
+    if !info.sinks.is_empty() {
+        for (name, help, get) in per_sink {
+            let series: Vec<_> = info
+                .sinks
+                .iter()
+                .map(|s| (format!("{{sink=\"{}\"}}", escape_label(&s.name)), get(s)))
+                .collect();
+            metric(name, "counter", help, &series);
+        }
+    }
     let rl: Vec<_> = t
         .rate_limit_closes
         .iter()
@@ -667,6 +779,7 @@ mod tests {
             io_backend: "epoll",
             shards: 2,
             draining: false,
+            sinks: vec![],
         };
         let text = render_prometheus(&info, &snaps);
         assert!(text.contains("wsedge_connections_total 3\n"));

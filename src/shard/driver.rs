@@ -96,6 +96,10 @@ pub(crate) fn serve(
                 // block would take its size in the task state of every connection.
                 boxed_relay(ctx, shared, &stream, rest, up).await
             }
+            Target::Ingest(ing) => {
+                let r = &shared.cfg.routes[route];
+                boxed_ingest(ctx, shared, &stream, rest, r, ing).await
+            }
             Target::Topic(topic) => {
                 let fan = topic.map(|t| Fan::new(ctx, listener_idx, route, t));
                 let route = &shared.cfg.routes[route];
@@ -128,6 +132,18 @@ fn boxed_handshake<'a>(
         }
         r
     })
+}
+
+/// The ingest loop, on the heap (see `boxed_relay`).
+fn boxed_ingest<'a>(
+    ctx: &'a ShardCtx,
+    shared: &'a ListenerShared,
+    stream: &'a TcpStream,
+    rest: BytesMut,
+    route: &'a Route,
+    ing: crate::config::IngestRoute,
+) -> LocalBoxFuture<'a, u16> {
+    Box::pin(super::ingest::serve(ctx, shared, stream, rest, route, ing))
 }
 
 /// The proxy relay future, on the heap (see its call site).
@@ -309,6 +325,8 @@ enum Target {
     Topic(Option<Arc<str>>),
     /// Relayed to a connected upstream (proxy routes).
     Upstream(super::client::Upstream),
+    /// Validated and handed to a sink (ingest routes).
+    Ingest(crate::config::IngestRoute),
 }
 
 /// Phase 1. On success the connection holds a `max_connections` slot; returned are the index
@@ -449,7 +467,10 @@ async fn handshake(ctx: &ShardCtx, listener_idx: usize, stream: &TcpStream) -> O
             }
         }
     };
-    let mut target = Target::Topic((route.kind != RouteKind::Echo).then(|| Arc::from(topic)));
+    let mut target = match route.ingest {
+        Some(ing) => Target::Ingest(ing),
+        None => Target::Topic((route.kind != RouteKind::Echo).then(|| Arc::from(topic))),
+    };
     let mut protocol = route.select_subprotocol(&req.protocols).map(str::to_string);
     if let Some(t) = &route.proxy {
         // The client's address, for X-Forwarded-For (asked of the socket here rather than
@@ -509,7 +530,7 @@ async fn respond_and_close(stream: &TcpStream, out: Vec<u8>) {
     .await;
 }
 
-fn read_op(
+pub(crate) fn read_op(
     stream: &TcpStream,
     buf: BytesMut,
 ) -> impl Future<Output = BufResult<usize, BytesMut>> + '_ {
@@ -889,7 +910,7 @@ impl<'a> Fan<'a> {
 }
 
 /// Whole sweeper ticks in `d` (at least 1).
-fn ticks(d: Duration, tick: Duration) -> u32 {
+pub(crate) fn ticks(d: Duration, tick: Duration) -> u32 {
     (d.as_nanos().div_ceil(tick.as_nanos().max(1))).clamp(1, u32::MAX as u128) as u32
 }
 

@@ -14,8 +14,10 @@
 mod accept;
 mod client;
 mod driver;
+mod ingest;
 mod proxy;
 mod signal;
+mod sink;
 mod source;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -133,6 +135,7 @@ pub(crate) enum Control {
 #[derive(Clone)]
 pub struct ShardSet {
     controls: Arc<Vec<async_channel::Sender<Control>>>,
+    sinks: Arc<Vec<Arc<sink::SinkStats>>>,
     backend: Backend,
     draining: Arc<AtomicBool>,
 }
@@ -184,6 +187,7 @@ impl ShardSet {
             io_backend: self.backend.as_str(),
             shards: self.controls.len(),
             draining: self.draining.load(Ordering::Relaxed),
+            sinks: self.sinks.iter().map(|s| s.snapshot()).collect(),
         }
     }
 }
@@ -195,6 +199,8 @@ pub struct Server {
     listen_addrs: Vec<(String, SocketAddr)>,
     admin: Option<crate::admin::AdminServer>,
     drain_timeout: Duration,
+    /// Sink threads, joined after the shards (which hold the senders) have exited.
+    sink_threads: Vec<JoinHandle<()>>,
 }
 
 /// Per-listener state shared by all shards.
@@ -229,6 +235,8 @@ pub(crate) struct ShardCtx {
     pub(crate) route_labels: Vec<Vec<Rc<str>>>,
     /// The sources running on this shard.
     pub(crate) sources: Vec<Rc<source::SourceStats>>,
+    /// Senders to the ingest sinks, by sink index.
+    pub(crate) sinks: Vec<async_channel::Sender<sink::Chunk>>,
     /// Per listener: this shard's share of the listener's `accept_rate`.
     pub(crate) accept_buckets: Vec<std::cell::RefCell<Option<crate::ratelimit::TokenBucket>>>,
 }
@@ -298,6 +306,18 @@ impl Server {
             }));
         }
 
+        let mut sink_txs = Vec::new();
+        let mut sink_stats = Vec::new();
+        let mut sink_threads = Vec::new();
+        for s in &cfg.sinks {
+            let started = sink::start(s.clone()).map_err(|e| StartError::Shard {
+                shard: usize::MAX,
+                message: format!("sink `{}`: cannot start its thread: {e}", s.name),
+            })?;
+            sink_txs.push(started.tx);
+            sink_stats.push(started.stats);
+            sink_threads.push(started.thread);
+        }
         let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, (usize, String)>>();
         let mut links = mesh::build(shards).into_iter();
         let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -325,6 +345,7 @@ impl Server {
                     .step_by(shards)
                     .cloned()
                     .collect(),
+                sink_txs.clone(),
             );
             let ready = ready_tx.clone();
             let t = std::thread::Builder::new()
@@ -355,8 +376,11 @@ impl Server {
             }
         }
 
+        // Only the shards hold senders now: the sinks end when the shards do.
+        drop(sink_txs);
         let set = ShardSet {
             controls: Arc::new(controls),
+            sinks: Arc::new(sink_stats),
             backend,
             draining: Arc::new(AtomicBool::new(false)),
         };
@@ -377,6 +401,7 @@ impl Server {
             listen_addrs,
             admin,
             drain_timeout: cfg.runtime.drain_timeout,
+            sink_threads,
         })
     }
 
@@ -409,6 +434,10 @@ impl Server {
         }
         for t in self.threads.drain(..) {
             // A shard that panicked has already logged; there is nothing left to drain.
+            let _ = t.join();
+        }
+        // The shards are gone, so are the senders: each sink writes what it holds and ends.
+        for t in self.sink_threads.drain(..) {
             let _ = t.join();
         }
         if let Some(a) = self.admin.take() {
@@ -473,11 +502,12 @@ type CtxParts = (
     Duration,
     mesh::Link,
     Vec<SourceConfig>,
+    Vec<async_channel::Sender<sink::Chunk>>,
 );
 
 fn run_shard(
     backend: Backend,
-    (id, listeners, drain_window, drain_timeout, link, sources): CtxParts,
+    (id, listeners, drain_window, drain_timeout, link, sources, sinks): CtxParts,
     sockets: Vec<StdListener>,
     control: async_channel::Receiver<Control>,
     ready: mpsc::Sender<Result<usize, (usize, String)>>,
@@ -534,6 +564,7 @@ fn run_shard(
             .map(|s| Rc::new(source::SourceStats::new(s)))
             .collect(),
         accept_buckets,
+        sinks,
     });
     rt.block_on(async move {
         let mut accepts = Vec::with_capacity(sockets.len());

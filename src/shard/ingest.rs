@@ -1,0 +1,234 @@
+//! Ingest routes: validate every message, hand valid ones to the route's sink, invalid ones
+//! (with the reason) to its dead-letter sink, and stop reading while a sink is full.
+//!
+//! A simpler loop than the general driver: ingest traffic flows client → server, so the loop
+//! is sequential (read, validate, hand over, write what the protocol core queued: pongs,
+//! the close). Handing a chunk to a full sink waits, and while it waits nothing is read from
+//! the socket: the client's sends back up into TCP (backpressure, counted in
+//! `wsedge_ingest_backpressure_waits_total`). Keepalive and drain come from the shard signal
+//! as for every connection.
+
+use std::pin::pin;
+
+use bytes::{Bytes, BytesMut};
+use compio::BufResult;
+use compio::io::{AsyncWrite, AsyncWriteExt};
+use compio::net::TcpStream;
+use futures_util::future::{Fuse, FusedFuture, FutureExt, LocalBoxFuture};
+use futures_util::select_biased;
+use tracing::debug;
+
+use super::driver::{read_op, ticks};
+use super::sink::Chunk;
+use super::{ListenerShared, ShardCtx, signal};
+use crate::config::{IngestRoute, Route};
+use crate::proto::{CloseCode, Conn, Event, MessageKind, Role, State};
+
+/// Why a message is invalid for the route, or `None` if it is valid.
+fn invalid(json: bool, kind: MessageKind, data: &[u8]) -> Option<&'static str> {
+    if json {
+        serde_json::from_slice::<serde::de::IgnoredAny>(data)
+            .err()
+            .map(|_| "not a JSON value")
+    } else {
+        (kind != MessageKind::Text).then_some("not a text message")
+    }
+}
+
+/// Hand a chunk to a sink, waiting (and counting the wait) if its queue is full. `false` if
+/// the sink is gone (shutting down).
+async fn hand_over(ctx: &ShardCtx, sink: usize, chunk: Chunk) -> bool {
+    let tx = &ctx.sinks[sink];
+    match tx.try_send(chunk) {
+        Ok(()) => true,
+        Err(async_channel::TrySendError::Full(chunk)) => {
+            ctx.metrics.on_ingest_wait();
+            tx.send(chunk).await.is_ok()
+        }
+        Err(async_channel::TrySendError::Closed(_)) => false,
+    }
+}
+
+/// Serve one ingest connection to its end; returns the close code.
+pub(crate) async fn serve(
+    ctx: &ShardCtx,
+    shared: &ListenerShared,
+    stream: &TcpStream,
+    rest: BytesMut,
+    route: &Route,
+    ing: IngestRoute,
+) -> u16 {
+    let cfg = &shared.cfg;
+    let mut conn = Conn::new(Role::Server, cfg.limits.clone());
+    let mut rbuf = Some(rest);
+    let mut pending_input = rbuf.as_ref().is_some_and(|b| !b.is_empty());
+    let mut out = Vec::new();
+    let mut code: Option<u16> = None;
+    let registration = match cfg.idle_timeout {
+        Some(idle) => {
+            let ping_after = ticks(idle, ctx.tick);
+            ctx.conns
+                .register(ping_after, ping_after + ticks(cfg.pong_timeout, ctx.tick))
+        }
+        None => ctx.conns.register(0, 0),
+    };
+    let signal = &*registration.signal;
+    let mut read_fut = pin!(Fuse::terminated());
+    let mut timer: Fuse<LocalBoxFuture<'_, ()>> = Fuse::terminated();
+    let mut eof = false;
+    // Set when we close for an invalid message (`on_error = "close"`).
+    let mut refused = false;
+
+    loop {
+        if pending_input {
+            pending_input = false;
+            // Invariant: pending_input is only set while we own the read buffer.
+            let buf = rbuf.as_mut().expect("read buffer present");
+            if let Err(e) = conn.handle_input(buf) {
+                code.get_or_insert(e.close_code().0);
+            }
+            let mut good: Vec<Bytes> = Vec::new();
+            let mut dead: Vec<Bytes> = Vec::new();
+            while let Some(ev) = conn.poll_event() {
+                match ev {
+                    Event::Message { kind, data } => {
+                        ctx.metrics.on_message_in(data.len());
+                        // After our close for an invalid message nothing more is taken; after
+                        // a drain close (1001) messages that crossed it still are.
+                        if refused {
+                            continue;
+                        }
+                        match invalid(ing.json, kind, &data) {
+                            None => good.push(data),
+                            Some(reason) => {
+                                ctx.metrics.on_ingest_invalid();
+                                if ing.dead_letter.is_some() {
+                                    let line = serde_json::json!({
+                                        "reason": reason,
+                                        "route": route.path,
+                                        "message": String::from_utf8_lossy(&data),
+                                    });
+                                    dead.push(Bytes::from(line.to_string()));
+                                }
+                                if ing.close_on_error {
+                                    refused = true;
+                                    code.get_or_insert(CloseCode::INVALID_PAYLOAD.0);
+                                    let _ = conn.close(CloseCode::INVALID_PAYLOAD, reason);
+                                }
+                            }
+                        }
+                    }
+                    Event::Close { code: c, .. } => {
+                        code.get_or_insert(c.map_or(CloseCode::NO_STATUS.0, |c| c.0));
+                    }
+                    Event::Ping(_) | Event::Pong(_) => {}
+                }
+            }
+            let n = good.len() as u64;
+            if n > 0 {
+                if hand_over(
+                    ctx,
+                    ing.sink,
+                    Chunk {
+                        json: ing.json,
+                        msgs: good,
+                    },
+                )
+                .await
+                {
+                    ctx.metrics.on_ingest_accepted(n);
+                } else if conn.state() == State::Open {
+                    code.get_or_insert(CloseCode::GOING_AWAY.0);
+                    let _ = conn.close(CloseCode::GOING_AWAY, "server shutting down");
+                }
+            }
+            if let (Some(dl), false) = (ing.dead_letter, dead.is_empty()) {
+                let _ = hand_over(
+                    ctx,
+                    dl,
+                    Chunk {
+                        json: true,
+                        msgs: dead,
+                    },
+                )
+                .await;
+            }
+        }
+        if conn.pending_transmit() > 0 {
+            conn.poll_transmit(&mut out);
+            let mut w = stream;
+            let BufResult(r, o) = w.write_all(std::mem::take(&mut out)).await;
+            out = o;
+            out.clear();
+            if let Err(e) = r {
+                debug!(error = %e, "ingest write failed");
+                break;
+            }
+        }
+        if matches!(conn.state(), State::Closed | State::Failed) || eof {
+            // Cancel a read in flight; the buffer is lost with it, a fresh one serves below.
+            read_fut.set(Fuse::terminated());
+            let mut w = stream;
+            let _ = Box::pin(w.shutdown()).await;
+            // Let the peer read our close before the socket goes (bounded).
+            if !eof {
+                let _ = compio::time::timeout(std::time::Duration::from_secs(1), async {
+                    loop {
+                        let b = rbuf.take().unwrap_or_default();
+                        let BufResult(res, b) = read_op(stream, b).await;
+                        rbuf = Some(b);
+                        if !matches!(res, Ok(n) if n > 0) {
+                            break;
+                        }
+                        if let Some(b) = rbuf.as_mut() {
+                            b.clear();
+                        }
+                    }
+                })
+                .await;
+            }
+            break;
+        }
+        if read_fut.is_terminated() {
+            // Invariant: the buffer is ours whenever no read is in flight.
+            let mut buf = rbuf.take().expect("read buffer present");
+            let want = conn.bytes_needed().max(4096);
+            if buf.capacity() - buf.len() < want {
+                buf.reserve(want);
+            }
+            read_fut.set(read_op(stream, buf).fuse());
+        }
+        select_biased! {
+            BufResult(res, buf) = read_fut => {
+                match res {
+                    Ok(0) => eof = true,
+                    Ok(_) => {
+                        signal.touch();
+                        pending_input = true;
+                    }
+                    Err(_) => eof = true,
+                }
+                rbuf = Some(buf);
+            }
+            flags = signal.wait() => {
+                if flags & signal::PING != 0 {
+                    let _ = conn.send_ping(b"wsedge");
+                }
+                if flags & (signal::IDLE_CLOSE | signal::DRAIN) != 0 && conn.state() == State::Open {
+                    let reason = if flags & signal::DRAIN != 0 {
+                        "server shutting down"
+                    } else {
+                        ctx.metrics.on_idle_close();
+                        "idle timeout"
+                    };
+                    code.get_or_insert(CloseCode::GOING_AWAY.0);
+                    let _ = conn.close(CloseCode::GOING_AWAY, reason);
+                    timer = compio::time::sleep(cfg.close_timeout).boxed_local().fuse();
+                }
+            }
+            () = timer => break,
+            complete => break,
+        }
+    }
+    code.unwrap_or(CloseCode::ABNORMAL.0)
+}
