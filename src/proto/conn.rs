@@ -101,7 +101,8 @@ pub enum State {
     /// Normal operation.
     Open,
     /// We queued a close frame ([`Conn::close`]) and wait for the peer's. Incoming data is
-    /// parsed and validated but not delivered.
+    /// still parsed, validated and delivered (the peer may have sent it before it saw our
+    /// close; RFC 6455 only forbids *sending* data after a close), but nothing can be sent.
     CloseSent,
     /// Transient: the peer's close was received but not answered. Never observable, because
     /// the answer is queued immediately.
@@ -153,9 +154,10 @@ pub struct Conn {
     utf8: Utf8Validator,
     /// Bytes still missing to complete `current` (0 if no header is pending).
     needed: usize,
-    /// Close frame owed to the peer after a protocol error, encoded at the next
-    /// `poll_transmit` so that replies to messages decoded before the error go out first.
-    deferred_close: Option<(CloseCode, &'static str)>,
+    /// Close frame owed to the peer, after a protocol error or as the answer to the peer's
+    /// close, encoded at the next `poll_transmit` so that replies to messages decoded before
+    /// the error or the close go out first (`None` code: an empty close payload).
+    deferred_close: Option<(Option<CloseCode>, &'static str)>,
     /// xorshift64* state for client masks.
     mask_state: u64,
 }
@@ -200,8 +202,8 @@ impl Conn {
     /// must append further input to the same buffer and must not modify what is left in it.
     ///
     /// In [`State::Failed`] or [`State::Closed`], input is discarded (`buf` cleared) and `Ok`
-    /// returned. After we sent close, data frames are still parsed and validated but not
-    /// delivered; the peer's close frame completes the handshake.
+    /// returned. After we sent close, data frames are still parsed, validated and delivered;
+    /// the peer's close frame completes the handshake.
     ///
     /// # Errors
     /// Any [`ProtoError`]: a close frame with [`ProtoError::close_code`] was queued (unless we
@@ -237,7 +239,9 @@ impl Conn {
     /// the client role).
     ///
     /// # Errors
-    /// [`SendError::Closed`] once a close frame was queued or the connection failed.
+    /// [`SendError::Closed`] once a close frame was queued or the connection failed. (After a
+    /// protocol error or the peer's close, sends succeed until the next `poll_transmit`
+    /// hands out our close frame: they answer messages decoded before it, and go out first.)
     pub fn send(&mut self, kind: MessageKind, payload: &[u8]) -> Result<(), SendError> {
         self.ensure_open()?;
         let opcode = match kind {
@@ -290,8 +294,8 @@ impl Conn {
         // callers know to flush it.
         let mask_len = if self.role == Role::Client { 4 } else { 0 };
         self.out.len()
-            + self.deferred_close.map_or(0, |(_, reason)| {
-                2 + mask_len + 2 + truncate_reason(reason).len()
+            + self.deferred_close.map_or(0, |(code, reason)| {
+                2 + mask_len + code.map_or(0, |_| 2 + truncate_reason(reason).len())
             })
     }
 
@@ -300,7 +304,7 @@ impl Conn {
     /// the bytes are appended. Returns the number of bytes moved.
     pub fn poll_transmit(&mut self, out: &mut Vec<u8>) -> usize {
         if let Some((code, reason)) = self.deferred_close.take() {
-            self.queue_close(Some(code), reason);
+            self.queue_close(code, reason);
         }
         let n = self.out.len();
         if out.is_empty() {
@@ -488,7 +492,10 @@ impl Conn {
         } else {
             payload.freeze()
         };
-        if self.state == State::Open {
+        // Data that arrives after our close frame is delivered too: the peer sent it before
+        // it saw our close, and the application decides whether it still counts (a proxy
+        // relays it; see `State::CloseSent`).
+        if matches!(self.state, State::Open | State::CloseSent) {
             self.events.push_back(Event::Message { kind, data });
         }
         Ok(())
@@ -502,8 +509,9 @@ impl Conn {
         self.assembly = Vec::new();
         self.utf8.reset();
         if self.state == State::Open {
+            // Answer with the same code, after the replies to messages decoded before it.
             self.state = State::CloseReceived;
-            self.queue_close(code, "");
+            self.deferred_close = Some((code, ""));
         }
         self.state = State::Closed;
         let reason = if payload.len() > 2 {
@@ -518,7 +526,7 @@ impl Conn {
     /// Fail the connection after a protocol error.
     fn fail(&mut self, err: &ProtoError) {
         if self.state == State::Open {
-            self.deferred_close = Some((err.close_code(), err.reason()));
+            self.deferred_close = Some((Some(err.close_code()), err.reason()));
         }
         self.state = State::Failed;
         self.current = None;
@@ -567,8 +575,8 @@ impl Conn {
     }
 
     fn ensure_open(&self) -> Result<(), SendError> {
-        // After a protocol error, replies to messages decoded before it may still be queued
-        // until the close frame is handed out by `poll_transmit`.
+        // After a protocol error or the peer's close, replies to messages decoded before it
+        // may still be queued until our close frame is handed out by `poll_transmit`.
         if self.state == State::Open || self.deferred_close.is_some() {
             Ok(())
         } else {
@@ -1027,6 +1035,28 @@ mod tests {
     }
 
     #[test]
+    fn reply_to_a_message_before_the_peers_close_goes_out_before_our_close() {
+        let mut s = server();
+        let wire = [
+            cf(true, OpCode::Text, b"hi"),
+            cf(true, OpCode::Close, &[0x03, 0xe8]),
+        ]
+        .concat();
+        feed(&mut s, &wire, 1000).unwrap();
+        assert_eq!(s.state(), State::Closed);
+        let evs = events(&mut s);
+        assert_eq!(evs[0], msg(MessageKind::Text, b"hi"));
+        // The echo is still accepted, and leaves before the close reply.
+        s.send(MessageKind::Text, b"hi").unwrap();
+        assert_eq!(s.pending_transmit(), 4 + 4);
+        let mut out = Vec::new();
+        s.poll_transmit(&mut out);
+        assert_eq!(out, [0x81, 0x02, b'h', b'i', 0x88, 0x02, 0x03, 0xe8]);
+        // Once the close is out, nothing more.
+        assert_eq!(s.send(MessageKind::Text, b"x"), Err(SendError::Closed));
+    }
+
+    #[test]
     fn close_initiated_by_server() {
         let (mut s, mut c) = (server(), client());
         s.close(CloseCode::GOING_AWAY, "bye").unwrap();
@@ -1126,16 +1156,16 @@ mod tests {
     }
 
     #[test]
-    fn after_close_sent_data_is_validated_not_delivered() {
+    fn after_close_sent_data_is_delivered_pings_are_not_answered() {
         let mut s = server();
         s.close(CloseCode::NORMAL, "").unwrap();
         let wire = [
-            cf(true, OpCode::Text, b"ignored"),
+            cf(true, OpCode::Text, b"late"),
             cf(true, OpCode::Ping, b"p"),
         ]
         .concat();
         feed(&mut s, &wire, 1000).unwrap();
-        assert!(events(&mut s).is_empty());
+        assert_eq!(events(&mut s), [msg(MessageKind::Text, b"late")]);
         let mut out = Vec::new();
         s.poll_transmit(&mut out);
         assert_eq!(out, [0x88, 0x02, 0x03, 0xe8]); // only our close, no pong

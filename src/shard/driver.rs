@@ -662,6 +662,12 @@ fn websocket<'a>(
                     match ev {
                         Event::Message { kind, data } => {
                             metrics.on_message_in(data.len());
+                            // After a policy close (rate limit, slow consumer) the client's
+                            // further messages are not routed. After a drain or idle close
+                            // (1001) they are: the client sent them before it saw our close.
+                            if code == Some(CloseCode::POLICY.0) {
+                                continue;
+                            }
                             if let (Some(l), Some(now)) = (limiter.as_deref_mut(), now) {
                                 if let Err(why) = l.admit(data.len(), now) {
                                     if conn.state() == State::Open {

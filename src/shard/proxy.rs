@@ -10,7 +10,9 @@
 //! stops the TCP flow from the other end instead of growing wsedge's memory.
 //!
 //! Closing: a close frame from one side is passed to the other with the same code and reason
-//! (1005 "no code" becomes 1000). A side that disappears without a close frame closes the
+//! (1005 "no code" becomes 1000). A client that breaks the protocol has the upstream closed
+//! with 1001 at once, and gets its own close (1002, 1007, 1009) after the upstream's close
+//! reply, so that answers to its earlier valid messages reach it first. A side that disappears without a close frame closes the
 //! other with 1001 (client gone) or 1014 (upstream gone: "bad gateway"). Once either side is
 //! closing, both get `close_timeout` to finish before the sockets are dropped.
 
@@ -58,7 +60,10 @@ pub(crate) async fn connect(
 }
 
 /// Feed `from`'s input to its protocol core and pass messages and closes to `to`. Returns
-/// the close code `from`'s peer sent, if it sent one.
+/// the close code `from`'s peer sent (or that a protocol error of `from` calls for), if any.
+///
+/// Messages decoded before a protocol error are passed on first, then `to` is closed, so
+/// `to`'s peer sees everything that was valid.
 fn pump(from: &mut Side<'_>, to: &mut Side<'_>) -> Option<u16> {
     if !from.pending_input {
         return None;
@@ -67,17 +72,12 @@ fn pump(from: &mut Side<'_>, to: &mut Side<'_>) -> Option<u16> {
     let mut seen = None;
     // Invariant: pending_input is only set while we own the read buffer.
     let buf = from.rbuf.as_mut().expect("read buffer present");
-    if let Err(e) = from.conn.handle_input(buf) {
-        debug!(error = %e, "proxy: protocol error");
-        let _ = to.conn.close(CloseCode::GOING_AWAY, "peer protocol error");
-        seen = Some(e.close_code().0);
-    }
+    let failed = from.conn.handle_input(buf).err();
     while let Some(ev) = from.conn.poll_event() {
         match ev {
+            // Err: `to` is closing; what it can no longer send is dropped with it.
             Event::Message { kind, data } => {
-                if to.conn.state() == State::Open {
-                    let _ = to.conn.send(kind, &data);
-                }
+                let _ = to.conn.send(kind, &data);
             }
             Event::Close { code, reason } => {
                 let c = code.unwrap_or(CloseCode::NORMAL);
@@ -87,6 +87,11 @@ fn pump(from: &mut Side<'_>, to: &mut Side<'_>) -> Option<u16> {
             }
             Event::Ping(_) | Event::Pong(_) => {}
         }
+    }
+    if let Some(e) = failed {
+        debug!(error = %e, "proxy: protocol error");
+        let _ = to.conn.close(CloseCode::GOING_AWAY, "peer protocol error");
+        seen.get_or_insert(e.close_code().0);
     }
     if buf.is_empty() && buf.capacity() > 64 * 1024 {
         *buf = BytesMut::new();
@@ -135,7 +140,16 @@ pub(crate) async fn relay(
             code.get_or_insert(CloseCode::BAD_GATEWAY.0);
             let _ = c.conn.close(CloseCode::BAD_GATEWAY, "upstream went away");
         }
-        c.start_write();
+        // A client that broke the protocol gets its close frame only after the upstream has
+        // answered ours (or is gone, or `close_timeout` passes): replies to the valid messages
+        // it sent before the bad frame are still on their way back and go out first.
+        let hold_client = c.conn.state() == State::Failed
+            && u.conn.state() == State::CloseSent
+            && !u.eof
+            && !u.failed;
+        if !hold_client {
+            c.start_write();
+        }
         u.start_write();
         if !closing && (c.conn.state() != State::Open || u.conn.state() != State::Open) {
             closing = true;
