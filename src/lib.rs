@@ -31,4 +31,5 @@ pub mod metrics;
 pub mod proto;
 pub mod ratelimit;
 pub mod shard;
+pub mod tls;
 pub mod upstream;

@@ -1,12 +1,12 @@
 //! `wsedge` command line: parse arguments, load the config, start the shards, wait for
-//! SIGTERM/SIGINT, drain. No logic of its own beyond that.
+//! SIGTERM/SIGINT (drain) or SIGHUP (reload TLS certificates). No logic of its own beyond that.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use mimalloc::MiMalloc;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use wsedge::config::{Config, DEFAULT_CONFIG_TOML, IoMode};
 use wsedge::shard::Server;
@@ -103,27 +103,34 @@ fn run(args: RunArgs) -> ExitCode {
     }
     raise_fd_limit(&cfg);
     // Block the signals before any thread starts so that only this thread receives them.
-    let mut signals = match Signals::new([SIGINT, SIGTERM]) {
+    let mut signals = match Signals::new([SIGINT, SIGTERM, SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("wsedge: cannot install signal handlers: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let server = match Server::start(&cfg) {
+    let mut server = match Server::start(&cfg) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("wsedge: {e}");
             return ExitCode::FAILURE;
         }
     };
-    if let Some(sig) = signals.forever().next() {
+    // SIGHUP reloads TLS certificates; SIGTERM/SIGINT drain.
+    for sig in signals.forever() {
+        if sig == SIGHUP {
+            // Failures are logged per listener; the old certificates stay in use.
+            let _ = server.reload_tls();
+            continue;
+        }
         tracing::info!(signal = sig, "draining; a second signal exits immediately");
         std::thread::spawn(move || {
-            if signals.forever().next().is_some() {
+            if signals.forever().any(|s| s != SIGHUP) {
                 std::process::exit(130);
             }
         });
+        break;
     }
     server.shutdown();
     ExitCode::SUCCESS

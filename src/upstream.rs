@@ -1,15 +1,36 @@
 //! Upstream WebSocket endpoints: URL parsing and the upgrade request wsedge sends as a client.
 //!
 //! Runtime-free like [`crate::proto`]: the shard runtime connects the socket and uses these to
-//! build and check the handshake. Used by the `proxy` route; the same pieces will serve
-//! upstream sources and sinks.
+//! build and check the handshake. Used by proxy routes and sources; `wss://` URLs carry the
+//! TLS settings to connect with ([`crate::tls::ClientTls`]).
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 
 use crate::proto::handshake::write_client_request;
+use crate::tls::{CertFiles, ClientTls};
 
-/// A parsed `ws://host[:port][/path]` URL, resolved once.
+/// TLS settings of a `wss://` upstream (config keys `tls_*`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// CA file to trust instead of the system roots.
+    pub ca: Option<std::path::PathBuf>,
+    /// Client certificate to present (mTLS).
+    pub client_cert: Option<CertFiles>,
+    /// Name for SNI and certificate verification, if not the URL's host.
+    pub server_name: Option<String>,
+    /// Accept any certificate (testing only).
+    pub insecure_skip_verify: bool,
+}
+
+impl TlsOptions {
+    /// True if any option is set (they only make sense with `wss://`).
+    pub fn is_set(&self) -> bool {
+        *self != Self::default()
+    }
+}
+
+/// A parsed `ws://host[:port][/path]` or `wss://` URL, resolved once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WsUrl {
     /// `Host` header value (`host` or `host:port` as written).
@@ -18,21 +39,33 @@ pub struct WsUrl {
     pub path: String,
     /// Address the host resolved to when the configuration was loaded.
     pub addr: SocketAddr,
+    /// `wss://`: how to run TLS (boxed: most URLs are plain).
+    pub tls: Option<Box<ClientTls>>,
 }
 
 impl WsUrl {
-    /// Parse and resolve. `wss://` is refused until upstream TLS exists (issue 6).
+    /// Parse and resolve a `ws://` URL, or a `wss://` one with default TLS settings (system
+    /// roots, SNI from the host).
     ///
     /// # Errors
     /// A message naming what is wrong: scheme, empty host, bad port, resolution failure.
     pub fn parse(url: &str) -> Result<Self, String> {
-        let rest = match url.split_once("://") {
-            Some(("ws", rest)) => rest,
-            Some(("wss", _)) => {
-                return Err("wss:// upstreams are not supported yet (TLS is issue 6)".into());
-            }
-            _ => return Err(format!("`{url}` is not a ws:// URL")),
+        Self::parse_with(url, &TlsOptions::default())
+    }
+
+    /// Parse and resolve; a `wss://` URL gets `tls`.
+    ///
+    /// # Errors
+    /// As [`WsUrl::parse`]; TLS options on a `ws://` URL; unreadable TLS files.
+    pub fn parse_with(url: &str, tls: &TlsOptions) -> Result<Self, String> {
+        let (secure, rest) = match url.split_once("://") {
+            Some(("ws", rest)) => (false, rest),
+            Some(("wss", rest)) => (true, rest),
+            _ => return Err(format!("`{url}` is not a ws:// or wss:// URL")),
         };
+        if !secure && tls.is_set() {
+            return Err("tls_* options need a wss:// URL".into());
+        }
         let (hostport, path) = match rest.find(['/', '?']) {
             Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
             Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
@@ -49,9 +82,21 @@ impl WsUrl {
                     .map_err(|_| format!("`{p}` is not a port number"))?;
                 (h, port)
             }
-            _ => (hostport, 80),
+            _ => (hostport, if secure { 443 } else { 80 }),
         };
         let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let tls = match secure {
+            false => None,
+            true => {
+                let name = tls.server_name.as_deref().unwrap_or(bare);
+                Some(Box::new(ClientTls::new(
+                    name,
+                    tls.ca.clone(),
+                    tls.client_cert.clone(),
+                    tls.insecure_skip_verify,
+                )?))
+            }
+        };
         let addr = (bare, port)
             .to_socket_addrs()
             .map_err(|e| format!("cannot resolve `{bare}`: {e}"))?
@@ -61,13 +106,15 @@ impl WsUrl {
             host: hostport.to_string(),
             path,
             addr,
+            tls,
         })
     }
 }
 
 impl fmt::Display for WsUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ws://{}{}", self.host, self.path)
+        let scheme = if self.tls.is_some() { "wss" } else { "ws" };
+        write!(f, "{scheme}://{}{}", self.host, self.path)
     }
 }
 
@@ -79,6 +126,8 @@ pub struct Forwarding<'a> {
     pub x_forwarded_for: Option<&'a str>,
     /// The client's `Origin`, passed through.
     pub origin: Option<&'a str>,
+    /// The client came over TLS (`Forwarded: proto=wss`).
+    pub client_tls: bool,
 }
 
 /// Write the upgrade request for `url`: configured headers; when relaying a client (`fwd`),
@@ -102,9 +151,10 @@ pub fn write_request(
             Some(prev) if !prev.is_empty() => format!("{prev}, {}", fwd.peer),
             _ => fwd.peer.to_string(),
         };
+        let proto = if fwd.client_tls { "wss" } else { "ws" };
         forwarded = match fwd.peer {
-            IpAddr::V4(ip) => format!("for={ip};proto=ws"),
-            IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto=ws"),
+            IpAddr::V4(ip) => format!("for={ip};proto={proto}"),
+            IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto={proto}"),
         };
         extra.push(("X-Forwarded-For", &xff));
         extra.push(("Forwarded", &forwarded));
@@ -136,13 +186,7 @@ mod tests {
             ("[::1]:81".parse().unwrap(), "/?q")
         );
         assert_eq!(u.to_string(), "ws://[::1]:81/?q");
-        for bad in [
-            "http://x/",
-            "ws://",
-            "ws://h:99999/",
-            "wss://x/",
-            "ws://u@h/",
-        ] {
+        for bad in ["http://x/", "ws://", "ws://h:99999/", "ws://u@h/"] {
             assert!(WsUrl::parse(bad).is_err(), "{bad}");
         }
     }
@@ -160,6 +204,7 @@ mod tests {
                 peer: "10.0.0.7".parse().unwrap(),
                 x_forwarded_for: Some("1.2.3.4"),
                 origin: Some("https://a.example"),
+                client_tls: false,
             }),
             &protocols,
             &mut out,

@@ -147,3 +147,64 @@ fn forced_io_uring_fails_clearly_when_blocked() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("io_uring is unavailable"), "{err}");
 }
+
+#[test]
+fn check_names_an_unreadable_tls_file_and_sighup_reloads_certificates() {
+    use common::pki::{Pki, server_cn};
+    let pki = Pki::new("cli");
+    let leaf = pki.leaf("server", "before", &["localhost"]);
+    let tls = format!(
+        "[listener.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        leaf.cert.display(),
+        leaf.key.display()
+    );
+    let with_tls = SMALL_CONFIG.replace("[[listener.route]]", &format!("{tls}[[listener.route]]"));
+    let bad = temp_file(
+        "bad-tls.toml",
+        &with_tls.replace("server.key", "missing.key"),
+    );
+    let out = Command::new(BIN).arg("check").arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("listener[0].tls.cert") && err.contains("missing.key"),
+        "{err}"
+    );
+
+    let cfg = temp_file("tls.toml", &with_tls);
+    let mut child = Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rx = lines(&mut child);
+    let mut log = Vec::new();
+    let addr = wait_listening(&rx, &mut log);
+    let mut old = Client::connect_tls(addr, "localhost", &pki.ca(), None, "/echo").unwrap();
+    assert_eq!(server_cn(&old.stream), "before");
+    pki.leaf("server", "after", &["localhost"]);
+    let kill = |sig: &str| {
+        let st = Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    kill("-HUP");
+    loop {
+        let l = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("wsedge logs the reload");
+        if l.contains("TLS certificates reloaded") {
+            break;
+        }
+    }
+    let new = Client::connect_tls(addr, "localhost", &pki.ca(), None, "/echo").unwrap();
+    assert_eq!(server_cn(&new.stream), "after");
+    old.send_text("still here");
+    assert_eq!(old.recv().1, b"still here");
+    kill("-TERM");
+    assert_eq!(old.expect_close(), Some(CloseCode::GOING_AWAY));
+    assert!(child.wait().unwrap().success());
+}

@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use crate::fanout::{LagPolicy, QueueLimits};
 use crate::proto::Limits;
-use crate::upstream::WsUrl;
+use crate::tls::{CertFiles, ClientAuth, MinVersion, ServerTls, SniCert};
+use crate::upstream::{TlsOptions, WsUrl};
 
 /// The embedded default configuration file, with comments.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../config/default.toml");
@@ -267,6 +268,8 @@ pub struct ListenerConfig {
     /// New connections per second across shards (each shard gets an equal share); beyond it
     /// the handshake gets 503 with `Retry-After: 1`.
     pub accept_rate: Option<u32>,
+    /// TLS termination (wss), if configured.
+    pub tls: Option<ServerTls>,
     /// Routes by exact path.
     pub routes: Vec<Route>,
 }
@@ -299,6 +302,9 @@ pub struct Route {
     pub bearer_tokens: Vec<String>,
     /// JWT authentication (token presented the same way), if configured.
     pub jwt: Option<JwtAuth>,
+    /// Client certificate names (CN, DNS or URI SAN) allowed; empty = not checked. Needs a
+    /// TLS listener with client certificates; no or another certificate gets 403.
+    pub client_cert_names: Vec<String>,
     /// Ingest routes: sink, format, error policy.
     pub ingest: Option<IngestRoute>,
 }
@@ -582,7 +588,12 @@ fn validate_source(i: usize, r: &raw::RawSource) -> Result<SourceConfig, ConfigE
     } else {
         r.name.clone()
     };
-    let url = WsUrl::parse(&r.url).map_err(|e| ConfigError::new(p("url"), e))?;
+    let tls = upstream_tls(
+        [&r.tls_ca, &r.tls_cert, &r.tls_key, &r.tls_server_name],
+        r.tls_insecure_skip_verify,
+        &p,
+    )?;
+    let url = WsUrl::parse_with(&r.url, &tls).map_err(|e| ConfigError::new(p("url"), e))?;
     if r.topic.is_empty() || r.topic.len() > MAX_TOPIC_BYTES {
         return Err(ConfigError::new(
             p("topic"),
@@ -805,8 +816,20 @@ fn validate_listener(
             max_bytes_per_second: (r.max_bytes_per_second > 0).then_some(r.max_bytes_per_second),
             bearer_tokens: r.bearer_tokens.clone(),
             jwt,
+            client_cert_names: r.client_cert_names.clone(),
             ingest: ingest_route(r, kind, sinks, &rp)?,
         });
+        if !r.client_cert_names.is_empty()
+            && !l
+                .tls
+                .as_ref()
+                .is_some_and(|t| matches!(t.client_auth.as_str(), "optional" | "required"))
+        {
+            return Err(ConfigError::new(
+                rp("client_cert_names"),
+                "needs client certificates: set [listener.tls] client_auth = \"optional\" or \"required\"",
+            ));
+        }
     }
     if routes.is_empty() {
         return Err(ConfigError::new(
@@ -840,7 +863,101 @@ fn validate_listener(
         .expect("bounded below by 1024"),
         max_connections_per_ip: NonZeroUsize::new(l.max_connections_per_ip),
         accept_rate: (l.accept_rate > 0).then_some(l.accept_rate),
+        tls: match &l.tls {
+            Some(t) => Some(listener_tls(t, &|k| p(&format!("tls.{k}")))?),
+            None => None,
+        },
         routes,
+    })
+}
+
+/// `[listener.tls]`: load the files now, so `wsedge check` reports a bad certificate.
+fn listener_tls(t: &raw::RawTls, p: &dyn Fn(&str) -> String) -> Result<ServerTls, ConfigError> {
+    let files = |cert: &str, key: &str, prefix: &str| {
+        if cert.is_empty() {
+            return Err(ConfigError::new(
+                p(&format!("{prefix}cert")),
+                "a PEM file is required",
+            ));
+        }
+        if key.is_empty() {
+            return Err(ConfigError::new(
+                p(&format!("{prefix}key")),
+                "a PEM file is required",
+            ));
+        }
+        Ok(CertFiles {
+            cert: cert.into(),
+            key: key.into(),
+        })
+    };
+    let default = files(&t.cert, &t.key, "")?;
+    let mut sni = Vec::with_capacity(t.sni.len());
+    for (k, e) in t.sni.iter().enumerate() {
+        let prefix = format!("sni[{k}].");
+        if e.names.is_empty() {
+            return Err(ConfigError::new(
+                p(&format!("{prefix}names")),
+                "at least one name",
+            ));
+        }
+        sni.push(SniCert {
+            names: e.names.iter().map(|n| n.to_ascii_lowercase()).collect(),
+            files: files(&e.cert, &e.key, &prefix)?,
+        });
+    }
+    let client_auth = match t.client_auth.as_str() {
+        "" | "none" => ClientAuth::None,
+        "optional" => ClientAuth::Optional,
+        "required" => ClientAuth::Required,
+        other => {
+            return Err(ConfigError::new(
+                p("client_auth"),
+                format!("unknown `{other}` (expected none, optional or required)"),
+            ));
+        }
+    };
+    let client_ca = (!t.client_ca.is_empty()).then(|| std::path::PathBuf::from(&t.client_ca));
+    if client_auth != ClientAuth::None && client_ca.is_none() {
+        return Err(ConfigError::new(
+            p("client_ca"),
+            "client certificates need the CA file they are checked against",
+        ));
+    }
+    let min_version = match t.min_version.as_str() {
+        "" | "1.2" => MinVersion::Tls12,
+        "1.3" => MinVersion::Tls13,
+        other => {
+            return Err(ConfigError::new(
+                p("min_version"),
+                format!("unknown TLS version `{other}` (expected 1.2 or 1.3)"),
+            ));
+        }
+    };
+    ServerTls::new(default, sni, client_auth, client_ca, min_version)
+        .map_err(|e| ConfigError::new(p("cert"), e))
+}
+
+/// The `tls_*` keys of an upstream (proxy route or source): `[ca, cert, key, server_name]`.
+fn upstream_tls(
+    [ca, cert, key, server_name]: [&String; 4],
+    insecure_skip_verify: bool,
+    p: &dyn Fn(&str) -> String,
+) -> Result<TlsOptions, ConfigError> {
+    let client_cert = match (cert.is_empty(), key.is_empty()) {
+        (true, true) => None,
+        (false, false) => Some(CertFiles {
+            cert: cert.into(),
+            key: key.into(),
+        }),
+        (false, true) => return Err(ConfigError::new(p("tls_key"), "tls_cert needs tls_key")),
+        (true, false) => return Err(ConfigError::new(p("tls_cert"), "tls_key needs tls_cert")),
+    };
+    Ok(TlsOptions {
+        ca: (!ca.is_empty()).then(|| std::path::PathBuf::from(ca)),
+        client_cert,
+        server_name: (!server_name.is_empty()).then(|| server_name.clone()),
+        insecure_skip_verify,
     })
 }
 
@@ -1105,6 +1222,11 @@ fn proxy_target(
             ("upstream", r.upstream.is_some()),
             ("connect_timeout_ms", r.connect_timeout_ms.is_some()),
             ("headers", r.headers.is_some()),
+            ("tls_ca", !r.tls_ca.is_empty()),
+            ("tls_cert", !r.tls_cert.is_empty()),
+            ("tls_key", !r.tls_key.is_empty()),
+            ("tls_server_name", !r.tls_server_name.is_empty()),
+            ("tls_insecure_skip_verify", r.tls_insecure_skip_verify),
         ];
         return match set.iter().find(|(_, s)| *s) {
             Some((key, _)) => Err(ConfigError::new(
@@ -1120,7 +1242,12 @@ fn proxy_target(
             "a proxy route needs `upstream = \"ws://host:port/path\"`",
         ));
     };
-    let url = WsUrl::parse(url).map_err(|e| ConfigError::new(rp("upstream"), e))?;
+    let tls = upstream_tls(
+        [&r.tls_ca, &r.tls_cert, &r.tls_key, &r.tls_server_name],
+        r.tls_insecure_skip_verify,
+        rp,
+    )?;
+    let url = WsUrl::parse_with(url, &tls).map_err(|e| ConfigError::new(rp("upstream"), e))?;
     let ms = r.connect_timeout_ms.unwrap_or(5_000);
     if ms == 0 {
         return Err(ConfigError::new(rp("connect_timeout_ms"), "must be > 0"));
@@ -1321,7 +1448,17 @@ mod tests {
                 format: Some("json".into()),
                 on_error: Some("continue".into()),
                 dead_letter: Some(String::new()),
+                client_cert_names: vec![],
+                tls_ca: String::new(),
+                tls_cert: String::new(),
+                tls_key: String::new(),
+                tls_server_name: String::new(),
+                tls_insecure_skip_verify: false,
             }],
+            tls: Some(raw::RawTls {
+                sni: vec![raw::RawSni::default()],
+                ..Default::default()
+            }),
             ..Default::default()
         });
         raw.source.push(raw::RawSource::default());
@@ -1333,10 +1470,25 @@ mod tests {
             "",
             &mut from_default,
         );
+        // TLS needs certificate files, so the default file shows `[listener.tls]` commented
+        // out: every key of it on a `# key = ...` line.
+        let (tls_keys, active): (std::collections::BTreeSet<_>, _) = from_types
+            .iter()
+            .cloned()
+            .partition(|k: &String| k.starts_with("listener.tls."));
         assert_eq!(
-            from_types, from_default,
+            active, from_default,
             "config/default.toml must show every key"
         );
+        for k in &tls_keys {
+            let leaf = k.rsplit('.').next().unwrap();
+            assert!(
+                DEFAULT_CONFIG_TOML
+                    .lines()
+                    .any(|l| l.starts_with(&format!("# {leaf} = "))),
+                "config/default.toml must show `{k}` (commented out)"
+            );
+        }
         let doc = include_str!("../../docs/configuration.md");
         let documented: std::collections::BTreeSet<String> = doc
             .lines()
@@ -1435,9 +1587,29 @@ mod tests {
                 "cannot read",
             ),
             (
-                "path='/p'\nkind='proxy'\nupstream='wss://h/'",
+                "path='/p'\nkind='proxy'\nupstream='wss://127.0.0.1:1/'\ntls_ca='/nonexistent-ca.pem'",
                 "upstream",
-                "issue 6",
+                "nonexistent-ca.pem",
+            ),
+            (
+                "path='/p'\nkind='proxy'\nupstream='ws://127.0.0.1:1/'\ntls_ca='/x.pem'",
+                "upstream",
+                "need a wss:// URL",
+            ),
+            (
+                "path='/p'\nkind='proxy'\nupstream='wss://127.0.0.1:1/'\ntls_cert='/c.pem'",
+                "tls_key",
+                "needs tls_key",
+            ),
+            (
+                "path='/e'\nkind='echo'\ntls_insecure_skip_verify=true",
+                "tls_insecure_skip_verify",
+                "only proxy",
+            ),
+            (
+                "path='/e'\nkind='echo'\nclient_cert_names=['a']",
+                "client_cert_names",
+                "client_auth",
             ),
             (
                 "path='/e'\nkind='echo'\nupstream='ws://127.0.0.1:1/'",
@@ -1491,7 +1663,7 @@ mod tests {
         let off = src("enabled=false\nurl='ws://127.0.0.1:9/'\ntopic='t'").unwrap();
         assert!(off.sources.is_empty());
         for (extra, key, words) in [
-            ("topic='t'", "url", "not a ws:// URL"),
+            ("topic='t'", "url", "not a ws:// or wss:// URL"),
             ("url='ws://127.0.0.1:9/'", "topic", "required"),
             (
                 "url='ws://127.0.0.1:9/'\ntopic='t'\nformat='xml'",

@@ -82,8 +82,41 @@ pub struct RawListener {
     pub max_connections_per_ip: usize,
     /// New connections accepted per second (0 = no limit).
     pub accept_rate: u32,
+    /// `[listener.tls]`: terminate TLS (wss) on this listener.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawTls>,
     /// `[[listener.route]]`.
     pub route: Vec<RawRoute>,
+}
+
+/// `[listener.tls]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTls {
+    /// PEM certificate chain (leaf first).
+    pub cert: String,
+    /// PEM private key.
+    pub key: String,
+    /// `none`, `optional` or `required`.
+    pub client_auth: String,
+    /// PEM CA file for client certificates.
+    pub client_ca: String,
+    /// `1.2` or `1.3`.
+    pub min_version: String,
+    /// `[[listener.tls.sni]]`: more certificates, by server name.
+    pub sni: Vec<RawSni>,
+}
+
+/// `[[listener.tls.sni]]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSni {
+    /// Server names this certificate is for (`*.example.com` allowed).
+    pub names: Vec<String>,
+    /// PEM certificate chain.
+    pub cert: String,
+    /// PEM private key.
+    pub key: String,
 }
 
 impl Default for RawListener {
@@ -103,6 +136,7 @@ impl Default for RawListener {
             max_pending_write_bytes: 1 << 20,
             max_connections_per_ip: 0,
             accept_rate: 0,
+            tls: None,
             route: Vec::new(),
         }
     }
@@ -131,6 +165,24 @@ pub struct RawRoute {
     /// Bearer tokens accepted (empty = no authentication).
     #[serde(default)]
     pub bearer_tokens: Vec<String>,
+    /// Client certificate names (CN or DNS/URI SAN) accepted (empty = not checked).
+    #[serde(default)]
+    pub client_cert_names: Vec<String>,
+    /// Upstream TLS (proxy routes to wss://): CA file ("" = system roots).
+    #[serde(default)]
+    pub tls_ca: String,
+    /// Upstream TLS: client certificate file ("" = none).
+    #[serde(default)]
+    pub tls_cert: String,
+    /// Upstream TLS: client key file.
+    #[serde(default)]
+    pub tls_key: String,
+    /// Upstream TLS: SNI / verified name ("" = the URL's host).
+    #[serde(default)]
+    pub tls_server_name: String,
+    /// Upstream TLS: accept any certificate (testing only).
+    #[serde(default)]
+    pub tls_insecure_skip_verify: bool,
     /// HMAC secret for HS256 JWTs ("" = none).
     #[serde(default)]
     pub jwt_secret: String,
@@ -237,6 +289,16 @@ pub struct RawSource {
     pub reconnect_multiplier: f64,
     /// Consecutive failed attempts before giving up; -1 = forever.
     pub reconnect_max_attempts: i64,
+    /// wss:// only: CA file ("" = system roots).
+    pub tls_ca: String,
+    /// wss:// only: client certificate file ("" = none).
+    pub tls_cert: String,
+    /// wss:// only: client key file.
+    pub tls_key: String,
+    /// wss:// only: SNI / verified name ("" = the URL's host).
+    pub tls_server_name: String,
+    /// wss:// only: accept any certificate (testing only).
+    pub tls_insecure_skip_verify: bool,
 }
 
 impl Default for RawSource {
@@ -260,6 +322,11 @@ impl Default for RawSource {
             reconnect_max_ms: 30_000,
             reconnect_multiplier: 2.0,
             reconnect_max_attempts: -1,
+            tls_ca: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_server_name: String::new(),
+            tls_insecure_skip_verify: false,
         }
     }
 }

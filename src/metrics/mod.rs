@@ -52,11 +52,17 @@ pub enum HandshakeFailure {
     JwtClaims,
     /// 403: the JWT's topics claim does not list the route's topic.
     TopicForbidden,
+    /// The TLS handshake failed (bad client hello, certificate refused, no shared cipher).
+    Tls,
+    /// 403: the route wants a client certificate and none was presented.
+    ClientCertMissing,
+    /// 403: the client certificate names none of the route's `client_cert_names`.
+    ClientCertForbidden,
 }
 
 impl HandshakeFailure {
     /// All variants, in label order.
-    pub const ALL: [Self; 18] = [
+    pub const ALL: [Self; 21] = [
         Self::Malformed,
         Self::MethodNotAllowed,
         Self::UnsupportedVersion,
@@ -75,6 +81,9 @@ impl HandshakeFailure {
         Self::JwtNotYetValid,
         Self::JwtClaims,
         Self::TopicForbidden,
+        Self::Tls,
+        Self::ClientCertMissing,
+        Self::ClientCertForbidden,
     ];
 
     /// The metric label value.
@@ -98,6 +107,9 @@ impl HandshakeFailure {
             Self::JwtNotYetValid => "jwt_not_yet_valid",
             Self::JwtClaims => "jwt_claims",
             Self::TopicForbidden => "topic_forbidden",
+            Self::Tls => "tls",
+            Self::ClientCertMissing => "client_cert_missing",
+            Self::ClientCertForbidden => "client_cert_forbidden",
         }
     }
 
@@ -131,7 +143,7 @@ pub struct ShardMetrics {
     ingest_accepted: Cell<u64>,
     ingest_invalid: Cell<u64>,
     ingest_waits: Cell<u64>,
-    handshake_failures: [Cell<u64>; 18],
+    handshake_failures: [Cell<u64>; HandshakeFailure::ALL.len()],
     rate_limit_closes: [Cell<u64>; 2],
     closes: RefCell<Vec<(u16, u64)>>,
 }

@@ -17,6 +17,7 @@ pub(crate) async fn accept_loop(ctx: Rc<ShardCtx>, listener_idx: usize, listener
                 let live = super::driver::LiveGuard::new(ctx.clone());
                 let seq = ctx.seq.get();
                 ctx.seq.set(seq.wrapping_add(1));
+                let stream = super::stream::Stream::plain(stream);
                 let fut = super::driver::serve(live, listener_idx, stream, seq);
                 compio::runtime::spawn(fut).detach();
             }

@@ -7,18 +7,18 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use compio::BufResult;
-use compio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use compio::net::TcpStream;
 use futures_util::future::{Fuse, FusedFuture, FutureExt, LocalBoxFuture};
 use tracing::debug;
 
+use super::stream::{Stream, connect_tls};
 use crate::proto::handshake::{HandshakeLimits, generate_key, parse_response};
 use crate::proto::{Conn, State};
 use crate::upstream::{Forwarding, WsUrl, write_request};
 
 /// An upstream connection whose handshake succeeded.
 pub(crate) struct Upstream {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: Stream,
     /// Bytes the upstream sent after its 101.
     pub(crate) rest: BytesMut,
     /// The subprotocol the upstream selected (answered to the client).
@@ -30,6 +30,8 @@ pub(crate) struct Upstream {
 pub(crate) enum UpstreamError {
     #[error("connect: {0}")]
     Connect(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(std::io::Error),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
     #[error("closed during the handshake")]
@@ -50,24 +52,33 @@ pub(crate) async fn connect(
     timeout: Duration,
 ) -> Result<Upstream, UpstreamError> {
     let attempt = async {
-        let stream = TcpStream::connect(url.addr)
+        let tcp = TcpStream::connect(url.addr)
             .await
             .map_err(UpstreamError::Connect)?;
-        let _ = stream.set_nodelay(true);
+        let _ = tcp.set_nodelay(true);
+        let stream = Stream::plain(tcp);
+        if let Some(t) = &url.tls {
+            let tls = connect_tls(stream.tcp(), t)
+                .await
+                .map_err(UpstreamError::Tls)?;
+            stream.set_tls(tls);
+        }
         let key = generate_key(random_16());
         let mut out = Vec::with_capacity(512);
         write_request(url, &key, headers, fwd, protocols, &mut out);
-        let mut w = &stream;
-        w.write_all(out).await.0.map_err(UpstreamError::Connect)?;
+        stream
+            .write_all(out)
+            .await
+            .0
+            .map_err(UpstreamError::Connect)?;
         let offered: Vec<&str> = protocols.iter().map(String::as_str).collect();
         let limits = HandshakeLimits::default();
         let mut buf = BytesMut::with_capacity(1024);
-        let mut r = &stream;
         loop {
             if buf.capacity() == buf.len() {
                 buf.reserve(1024);
             }
-            let BufResult(res, b) = r.append(buf).await;
+            let BufResult(res, b) = stream.read(buf).await;
             buf = b;
             match res {
                 Ok(0) => return Err(UpstreamError::Closed),
@@ -120,7 +131,7 @@ pub(crate) type WriteFut<'a> = Fuse<LocalBoxFuture<'a, BufResult<(), Vec<u8>>>>;
 
 /// One WebSocket hop: a socket, its protocol core, and at most one read and one write.
 pub(crate) struct Side<'a> {
-    pub(crate) stream: &'a TcpStream,
+    pub(crate) stream: &'a Stream,
     pub(crate) conn: Conn,
     /// Read buffer, absent while a read is in flight.
     pub(crate) rbuf: Option<BytesMut>,
@@ -134,7 +145,7 @@ pub(crate) struct Side<'a> {
 }
 
 impl<'a> Side<'a> {
-    pub(crate) fn new(stream: &'a TcpStream, conn: Conn, rest: BytesMut) -> Self {
+    pub(crate) fn new(stream: &'a Stream, conn: Conn, rest: BytesMut) -> Self {
         let pending_input = !rest.is_empty();
         Self {
             stream,
@@ -159,7 +170,7 @@ impl<'a> Side<'a> {
             // Invariant: `out` is only absent while a write is in flight.
             let mut o = self.out.take().expect("out buffer present");
             self.conn.poll_transmit(&mut o);
-            let mut s = self.stream;
+            let s = self.stream;
             self.write = async move { s.write_all(o).await }.boxed_local().fuse();
         }
     }
@@ -173,15 +184,8 @@ impl<'a> Side<'a> {
             if buf.capacity() - buf.len() < want {
                 buf.reserve(want);
             }
-            let mut s = self.stream;
-            self.read = async move {
-                use compio::buf::{IntoInner, IoBufMut};
-                s.read(IoBufMut::uninit(buf))
-                    .await
-                    .map_buffer(IntoInner::into_inner)
-            }
-            .boxed_local()
-            .fuse();
+            let s = self.stream;
+            self.read = async move { s.read(buf).await }.boxed_local().fuse();
         }
     }
 

@@ -25,12 +25,11 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use compio::BufResult;
-use compio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use compio::net::TcpStream;
 use futures_util::future::{Fuse, FusedFuture, FutureExt, LocalBoxFuture};
 use futures_util::select_biased;
 use tracing::debug;
 
+use super::stream::{Stream, accept_tls};
 use super::{ListenerShared, ShardCtx, proxy, signal};
 use crate::config::{Route, RouteKind};
 use crate::fanout::{self, Subscription};
@@ -68,7 +67,7 @@ const MAX_BATCH_FRAMES: usize = 512;
 pub(crate) fn serve(
     live: LiveGuard,
     listener_idx: usize,
-    stream: TcpStream,
+    stream: Stream,
     seq: u64,
 ) -> impl Future<Output = ()> + 'static {
     async move {
@@ -76,7 +75,7 @@ pub(crate) fn serve(
         // in the task state.)
         let ctx = &*live.0;
         // Latency over throughput for small frames; batching is done by the write path itself.
-        let _ = stream.set_nodelay(true);
+        let _ = stream.tcp().set_nodelay(true);
         let hs = boxed_handshake(ctx, listener_idx, &stream, seq);
         let Some(Accepted {
             route,
@@ -121,14 +120,27 @@ pub(crate) fn serve(
 fn boxed_handshake<'a>(
     ctx: &'a ShardCtx,
     listener_idx: usize,
-    stream: &'a TcpStream,
+    stream: &'a Stream,
     seq: u64,
 ) -> LocalBoxFuture<'a, Option<Accepted>> {
     Box::pin(async move {
         let r = handshake(ctx, listener_idx, stream).await;
         if r.is_some() && tracing::enabled!(tracing::Level::DEBUG) {
             let peer = stream.peer_addr().ok();
-            debug!(shard = ctx.id, conn = seq, ?peer, "connection open");
+            let tls = stream.tls();
+            let sni = tls.and_then(|t| t.server_name());
+            let client = tls
+                .and_then(|t| t.peer_identity.as_ref())
+                .map(|i| i.display_name().to_string());
+            debug!(
+                shard = ctx.id,
+                conn = seq,
+                ?peer,
+                tls = tls.is_some(),
+                ?sni,
+                ?client,
+                "connection open"
+            );
         }
         r
     })
@@ -138,7 +150,7 @@ fn boxed_handshake<'a>(
 fn boxed_ingest<'a>(
     ctx: &'a ShardCtx,
     shared: &'a ListenerShared,
-    stream: &'a TcpStream,
+    stream: &'a Stream,
     rest: BytesMut,
     route: &'a Route,
     ing: crate::config::IngestRoute,
@@ -150,7 +162,7 @@ fn boxed_ingest<'a>(
 fn boxed_relay<'a>(
     ctx: &'a ShardCtx,
     shared: &'a ListenerShared,
-    stream: &'a TcpStream,
+    stream: &'a Stream,
     rest: BytesMut,
     up: super::client::Upstream,
 ) -> LocalBoxFuture<'a, u16> {
@@ -180,16 +192,16 @@ enum ReadRequestError {
 }
 
 async fn read_request(
-    stream: &TcpStream,
+    stream: &Stream,
     limits: &HandshakeLimits,
 ) -> Result<(UpgradeRequest, BytesMut), ReadRequestError> {
     let mut buf = BytesMut::with_capacity(1024);
-    let mut s = stream;
+    let s = stream;
     loop {
         if buf.capacity() == buf.len() {
             buf.reserve(1024);
         }
-        let BufResult(res, b) = s.append(buf).await;
+        let BufResult(res, b) = s.read(buf).await;
         buf = b;
         match res {
             Ok(0) | Err(_) => return Err(ReadRequestError::Io),
@@ -331,7 +343,7 @@ enum Target {
 
 /// Phase 1. On success the connection holds a `max_connections` slot; returned are the index
 /// of its route, where it goes, and any bytes the client sent after the request.
-async fn handshake(ctx: &ShardCtx, listener_idx: usize, stream: &TcpStream) -> Option<Accepted> {
+async fn handshake(ctx: &ShardCtx, listener_idx: usize, stream: &Stream) -> Option<Accepted> {
     let shared = &ctx.listeners[listener_idx];
     let cfg = &shared.cfg;
     let limits = HandshakeLimits {
@@ -344,9 +356,15 @@ async fn handshake(ctx: &ShardCtx, listener_idx: usize, stream: &TcpStream) -> O
         .borrow_mut()
         .as_mut()
         .is_none_or(|bucket| bucket.take(1.0, Instant::now()));
+    // The TLS configuration in use now (a reload swaps it for later handshakes).
+    let tls = ctx.tls[listener_idx].borrow().clone();
     if !admitted {
         ctx.metrics
             .on_handshake_failure(HandshakeFailure::AcceptRate);
+        if tls.is_some() {
+            // No response is possible without paying for the TLS handshake first: close.
+            return None;
+        }
         write_error_response(
             503,
             "too many new connections",
@@ -356,25 +374,42 @@ async fn handshake(ctx: &ShardCtx, listener_idx: usize, stream: &TcpStream) -> O
         respond_and_close(stream, out).await;
         return None;
     }
-    let (req, rest) =
-        match compio::time::timeout(cfg.handshake_timeout, read_request(stream, &limits)).await {
+    // One deadline for the TLS handshake and the upgrade request together.
+    let deadline = Instant::now() + cfg.handshake_timeout;
+    if let Some(config) = tls {
+        match compio::time::timeout(cfg.handshake_timeout, accept_tls(stream.tcp(), &config)).await
+        {
             Err(_elapsed) => {
                 ctx.metrics.on_handshake_failure(HandshakeFailure::Timeout);
                 return None;
             }
-            Ok(Err(ReadRequestError::Io)) => {
-                ctx.metrics.on_handshake_failure(HandshakeFailure::Io);
+            Ok(Err(e)) => {
+                debug!(shard = ctx.id, error = %e, "TLS handshake failed");
+                ctx.metrics.on_handshake_failure(HandshakeFailure::Tls);
                 return None;
             }
-            Ok(Err(ReadRequestError::Http(e))) => {
-                ctx.metrics
-                    .on_handshake_failure(HandshakeFailure::from_status(e.status()));
-                e.write_response(&mut out);
-                respond_and_close(stream, out).await;
-                return None;
-            }
-            Ok(Ok(v)) => v,
-        };
+            Ok(Ok(t)) => stream.set_tls(t),
+        }
+    }
+    let left = deadline.saturating_duration_since(Instant::now());
+    let (req, rest) = match compio::time::timeout(left, read_request(stream, &limits)).await {
+        Err(_elapsed) => {
+            ctx.metrics.on_handshake_failure(HandshakeFailure::Timeout);
+            return None;
+        }
+        Ok(Err(ReadRequestError::Io)) => {
+            ctx.metrics.on_handshake_failure(HandshakeFailure::Io);
+            return None;
+        }
+        Ok(Err(ReadRequestError::Http(e))) => {
+            ctx.metrics
+                .on_handshake_failure(HandshakeFailure::from_status(e.status()));
+            e.write_response(&mut out);
+            respond_and_close(stream, out).await;
+            return None;
+        }
+        Ok(Ok(v)) => v,
+    };
     let path = req.path.split('?').next().unwrap_or_default();
     let found = cfg
         .routes
@@ -387,6 +422,22 @@ async fn handshake(ctx: &ShardCtx, listener_idx: usize, stream: &TcpStream) -> O
         respond_and_close(stream, out).await;
         return None;
     };
+    if !route.client_cert_names.is_empty() {
+        let identity = stream.tls().and_then(|t| t.peer_identity.as_ref());
+        let failure = match identity {
+            None => Some(HandshakeFailure::ClientCertMissing),
+            Some(id) if !id.is_any_of(&route.client_cert_names) => {
+                Some(HandshakeFailure::ClientCertForbidden)
+            }
+            Some(_) => None,
+        };
+        if let Some(why) = failure {
+            ctx.metrics.on_handshake_failure(why);
+            write_error_response(403, "forbidden", &[], &mut out);
+            respond_and_close(stream, out).await;
+            return None;
+        }
+    }
     if !route.bearer_tokens.is_empty() {
         let failure = match presented_token(&req) {
             None => Some(HandshakeFailure::AuthMissing),
@@ -478,7 +529,7 @@ async fn handshake(ctx: &ShardCtx, listener_idx: usize, stream: &TcpStream) -> O
         let peer = stream
             .peer_addr()
             .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
-        match proxy::connect(t, peer, &req).await {
+        match proxy::connect(t, peer, stream.tls().is_some(), &req).await {
             Ok(up) => {
                 protocol = up.protocol.clone();
                 target = Target::Upstream(up);
@@ -495,8 +546,7 @@ async fn handshake(ctx: &ShardCtx, listener_idx: usize, stream: &TcpStream) -> O
         }
     }
     write_response_101(&req.key, protocol.as_deref(), &[], &mut out);
-    let mut w = stream;
-    if w.write_all(out).await.0.is_err() {
+    if stream.write_all(out).await.0.is_err() {
         shared.open.fetch_sub(1, Ordering::Relaxed);
         ctx.metrics.on_handshake_failure(HandshakeFailure::Io);
         return None;
@@ -511,15 +561,14 @@ async fn handshake(ctx: &ShardCtx, listener_idx: usize, stream: &TcpStream) -> O
 
 /// Write a final response, send FIN, and let the peer read it before the socket closes
 /// (closing with unread input would reset the connection and could destroy the response).
-async fn respond_and_close(stream: &TcpStream, out: Vec<u8>) {
-    let mut w = stream;
+async fn respond_and_close(stream: &Stream, out: Vec<u8>) {
     let _ = compio::time::timeout(LINGER, async {
-        if w.write_all(out).await.0.is_ok() {
-            let _ = w.shutdown().await;
-            let mut r = stream;
-            let mut buf = Vec::with_capacity(512);
+        if stream.write_all(out).await.0.is_ok() {
+            let _ = stream.shutdown().await;
+            let mut buf = BytesMut::with_capacity(512);
             loop {
-                let BufResult(res, b) = r.read(buf).await;
+                buf.clear();
+                let BufResult(res, b) = stream.read(buf).await;
                 buf = b;
                 if !matches!(res, Ok(n) if n > 0) {
                     break;
@@ -531,18 +580,10 @@ async fn respond_and_close(stream: &TcpStream, out: Vec<u8>) {
 }
 
 pub(crate) fn read_op(
-    stream: &TcpStream,
+    stream: &Stream,
     buf: BytesMut,
 ) -> impl Future<Output = BufResult<usize, BytesMut>> + '_ {
-    use compio::buf::{IntoInner, IoBufMut};
-    // `read` into the spare capacity: what `AsyncReadExt::append` does, one future layer
-    // (and one copy of the buffer in the task state) less.
-    let mut s = stream;
-    async move {
-        s.read(IoBufMut::uninit(buf))
-            .await
-            .map_buffer(IntoInner::into_inner)
-    }
+    stream.read(buf)
 }
 
 /// What a write carries: the protocol core's own output (echo replies, control frames), or
@@ -553,10 +594,10 @@ enum WriteBuf {
 }
 
 fn write_op(
-    stream: &TcpStream,
+    stream: &Stream,
     buf: WriteBuf,
 ) -> impl Future<Output = (std::io::Result<()>, WriteBuf)> + '_ {
-    let mut s = stream;
+    let s = stream;
     async move {
         match buf {
             WriteBuf::Plain(v) => {
@@ -593,7 +634,7 @@ enum TimerMode {
 fn websocket<'a>(
     ctx: &'a ShardCtx,
     shared: &'a ListenerShared,
-    stream: &'a TcpStream,
+    stream: &'a Stream,
     // The bytes that came after the upgrade request (`Some`); the read buffer from then on.
     // A parameter used in place, not moved into a local, so it is stored only once.
     mut rbuf: Option<BytesMut>,
@@ -753,9 +794,8 @@ fn websocket<'a>(
             let finished = matches!(conn.state(), State::Closed | State::Failed);
             if finished && !fin_sent && write_fut.is_terminated() && !io_failed {
                 fin_sent = true;
-                let mut w = stream;
                 // Boxed: a once-per-connection future kept out of the long-lived task state.
-                let _ = Box::pin(w.shutdown()).await;
+                let _ = Box::pin(stream.shutdown()).await;
                 mode = TimerMode::Linger;
                 timer = compio::time::sleep(LINGER).boxed_local().fuse();
             }

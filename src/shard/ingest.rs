@@ -12,14 +12,13 @@ use std::pin::pin;
 
 use bytes::{Bytes, BytesMut};
 use compio::BufResult;
-use compio::io::{AsyncWrite, AsyncWriteExt};
-use compio::net::TcpStream;
 use futures_util::future::{Fuse, FusedFuture, FutureExt, LocalBoxFuture};
 use futures_util::select_biased;
 use tracing::debug;
 
 use super::driver::{read_op, ticks};
 use super::sink::Chunk;
+use super::stream::Stream;
 use super::{ListenerShared, ShardCtx, signal};
 use crate::config::{IngestRoute, Route};
 use crate::proto::{CloseCode, Conn, Event, MessageKind, Role, State};
@@ -53,7 +52,7 @@ async fn hand_over(ctx: &ShardCtx, sink: usize, chunk: Chunk) -> bool {
 pub(crate) async fn serve(
     ctx: &ShardCtx,
     shared: &ListenerShared,
-    stream: &TcpStream,
+    stream: &Stream,
     rest: BytesMut,
     route: &Route,
     ing: IngestRoute,
@@ -156,8 +155,7 @@ pub(crate) async fn serve(
         }
         if conn.pending_transmit() > 0 {
             conn.poll_transmit(&mut out);
-            let mut w = stream;
-            let BufResult(r, o) = w.write_all(std::mem::take(&mut out)).await;
+            let BufResult(r, o) = stream.write_all(std::mem::take(&mut out)).await;
             out = o;
             out.clear();
             if let Err(e) = r {
@@ -168,8 +166,7 @@ pub(crate) async fn serve(
         if matches!(conn.state(), State::Closed | State::Failed) || eof {
             // Cancel a read in flight; the buffer is lost with it, a fresh one serves below.
             read_fut.set(Fuse::terminated());
-            let mut w = stream;
-            let _ = Box::pin(w.shutdown()).await;
+            let _ = Box::pin(stream.shutdown()).await;
             // Let the peer read our close before the socket goes (bounded).
             if !eof {
                 let _ = compio::time::timeout(std::time::Duration::from_secs(1), async {

@@ -19,6 +19,7 @@ mod proxy;
 mod signal;
 mod sink;
 mod source;
+mod stream;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::num::NonZeroUsize;
@@ -115,6 +116,17 @@ pub enum StartError {
     },
 }
 
+/// `tls_insecure_skip_verify` is for tests: say so loudly, once, at startup.
+fn warn_insecure(t: &crate::tls::ClientTls, what: &str) {
+    if t.insecure_skip_verify {
+        tracing::warn!(
+            upstream = what,
+            "tls_insecure_skip_verify is set: the upstream's \
+                       certificate is NOT verified (anyone on the path can impersonate it)"
+        );
+    }
+}
+
 /// Commands sent to a shard over its control channel.
 pub(crate) enum Control {
     /// Reply with a copy of the shard's counters.
@@ -128,6 +140,13 @@ pub(crate) enum Control {
         frame: Bytes,
         origin: bool,
         reply: mpsc::Sender<usize>,
+    },
+    /// New TLS handshakes on listener `listener` use `config` (certificate hot reload);
+    /// reply once applied.
+    TlsReload {
+        listener: usize,
+        config: Arc<rustls::ServerConfig>,
+        reply: mpsc::Sender<()>,
     },
 }
 
@@ -201,6 +220,8 @@ pub struct Server {
     drain_timeout: Duration,
     /// Sink threads, joined after the shards (which hold the senders) have exited.
     sink_threads: Vec<JoinHandle<()>>,
+    /// TLS listeners by index: their files, and the configuration in use (for reload).
+    tls: Vec<(usize, crate::tls::ServerTls)>,
 }
 
 /// Per-listener state shared by all shards.
@@ -239,6 +260,8 @@ pub(crate) struct ShardCtx {
     pub(crate) sinks: Vec<async_channel::Sender<sink::Chunk>>,
     /// Per listener: this shard's share of the listener's `accept_rate`.
     pub(crate) accept_buckets: Vec<std::cell::RefCell<Option<crate::ratelimit::TokenBucket>>>,
+    /// Per listener: the TLS configuration new handshakes use (replaced on reload).
+    pub(crate) tls: Vec<std::cell::RefCell<Option<Arc<rustls::ServerConfig>>>>,
 }
 
 impl ShardCtx {
@@ -297,7 +320,13 @@ impl Server {
                 addr = sock.local_addr().expect("bound socket has an address");
                 sockets.push(sock);
             }
-            info!(listener = %l.name, %addr, shards, io = %backend.as_str(), "listening");
+            info!(listener = %l.name, %addr, shards, io = %backend.as_str(), tls = l.tls.is_some(),
+                  "listening");
+            for r in &l.routes {
+                if let Some(t) = r.proxy.as_ref().and_then(|p| p.url.tls.as_ref()) {
+                    warn_insecure(t, &format!("route {}", r.path));
+                }
+            }
             listen_addrs.push((l.name.clone(), addr));
             shared.push(Arc::new(ListenerShared {
                 cfg: l.clone(),
@@ -309,6 +338,11 @@ impl Server {
         let mut sink_txs = Vec::new();
         let mut sink_stats = Vec::new();
         let mut sink_threads = Vec::new();
+        for s in &cfg.sources {
+            if let Some(t) = &s.url.tls {
+                warn_insecure(t, &format!("source {}", s.name));
+            }
+        }
         for s in &cfg.sinks {
             let started = sink::start(s.clone()).map_err(|e| StartError::Shard {
                 shard: usize::MAX,
@@ -402,7 +436,46 @@ impl Server {
             admin,
             drain_timeout: cfg.runtime.drain_timeout,
             sink_threads,
+            tls: cfg
+                .listeners
+                .iter()
+                .enumerate()
+                .filter_map(|(i, l)| Some((i, l.tls.clone()?)))
+                .collect(),
         })
+    }
+
+    /// Re-read every TLS listener's certificate and key files (SIGHUP). New handshakes use
+    /// the new certificates; open connections keep theirs; session tickets stay valid. A
+    /// listener whose files do not load keeps its current certificates.
+    ///
+    /// # Errors
+    /// The first listener that failed, with the reason (all others were still reloaded).
+    pub fn reload_tls(&mut self) -> Result<usize, String> {
+        let mut first_error = None;
+        let mut reloaded = 0;
+        for (idx, spec) in &mut self.tls {
+            let name = &self.listen_addrs[*idx].0;
+            match spec.reload() {
+                Ok(config) => {
+                    spec.config = config.clone();
+                    // Returns once every shard has it: the next handshake uses it.
+                    self.set.ask(|_, reply| Control::TlsReload {
+                        listener: *idx,
+                        config: config.clone(),
+                        reply,
+                    });
+                    reloaded += 1;
+                    info!(listener = %name, "TLS certificates reloaded");
+                }
+                Err(e) => {
+                    tracing::error!(listener = %name, error = %e,
+                        "TLS reload failed; the current certificates stay in use");
+                    first_error.get_or_insert(format!("listener `{name}`: {e}"));
+                }
+            }
+        }
+        first_error.map_or(Ok(reloaded), Err)
     }
 
     /// Bound address of each listener, by name, in config order (port 0 resolved).
@@ -547,6 +620,10 @@ fn run_shard(
                 .collect()
         })
         .collect();
+    let listeners_tls = listeners
+        .iter()
+        .map(|l| std::cell::RefCell::new(l.cfg.tls.as_ref().map(|t| t.config.clone())))
+        .collect();
     let ctx = Rc::new(ShardCtx {
         id,
         listeners,
@@ -565,6 +642,7 @@ fn run_shard(
             .collect(),
         accept_buckets,
         sinks,
+        tls: listeners_tls,
     });
     rt.block_on(async move {
         let mut accepts = Vec::with_capacity(sockets.len());
@@ -672,6 +750,16 @@ fn serve_control(ctx: &ShardCtx, cmd: Control) {
                 ctx.hub.note_published();
             }
             let _ = reply.send(ctx.hub.publish(&topic, &frame));
+        }
+        Control::TlsReload {
+            listener,
+            config,
+            reply,
+        } => {
+            if let Some(slot) = ctx.tls.get(listener) {
+                *slot.borrow_mut() = Some(config);
+            }
+            let _ = reply.send(());
         }
         Control::Drain => {}
     }

@@ -21,13 +21,12 @@ use std::pin::pin;
 
 use bytes::BytesMut;
 use compio::BufResult;
-use compio::io::AsyncWrite;
-use compio::net::TcpStream;
 use futures_util::future::{Fuse, FusedFuture, FutureExt};
 use futures_util::select_biased;
 use tracing::debug;
 
 use super::client::{self, Side, Upstream, UpstreamError, random_16};
+use super::stream::Stream;
 use super::{ListenerShared, ShardCtx};
 use crate::config::ProxyTarget;
 use crate::proto::{CloseCode, Conn, Event, Limits, Role, State, UpgradeRequest};
@@ -37,6 +36,7 @@ use crate::upstream::Forwarding;
 pub(crate) async fn connect(
     target: &ProxyTarget,
     peer: IpAddr,
+    client_tls: bool,
     req: &UpgradeRequest,
 ) -> Result<Upstream, UpstreamError> {
     let xff = req
@@ -48,6 +48,7 @@ pub(crate) async fn connect(
         peer,
         x_forwarded_for: xff,
         origin: req.origin.as_deref(),
+        client_tls,
     };
     client::connect(
         &target.url,
@@ -104,7 +105,7 @@ fn pump(from: &mut Side<'_>, to: &mut Side<'_>) -> Option<u16> {
 pub(crate) async fn relay(
     ctx: &ShardCtx,
     shared: &ListenerShared,
-    client: &TcpStream,
+    client: &Stream,
     client_rest: BytesMut,
     upstream: Upstream,
 ) -> u16 {
@@ -190,11 +191,9 @@ pub(crate) async fn relay(
         }
     }
     // Best effort FIN on both sockets; the sockets close when dropped.
-    let mut cw = client;
-    let mut uw = &up_stream;
     let _ = Box::pin(async {
-        let _ = cw.shutdown().await;
-        let _ = uw.shutdown().await;
+        let _ = client.shutdown().await;
+        let _ = up_stream.shutdown().await;
     })
     .await;
     debug!(shard = ctx.id, code, "proxy connection closed");

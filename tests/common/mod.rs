@@ -2,6 +2,8 @@
 //! client built on wsedge's own protocol core (client role).
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -76,6 +78,11 @@ impl TestServer {
     /// Merged counters of all shards.
     pub fn totals(&self) -> Snapshot {
         merge(&self.server.as_ref().unwrap().shards().snapshots())
+    }
+
+    /// Reload the TLS certificates (what SIGHUP does).
+    pub fn reload_tls(&mut self) -> Result<usize, String> {
+        self.server.as_mut().unwrap().reload_tls()
     }
 
     /// Drain and stop (blocks until the shards exit).
@@ -178,9 +185,10 @@ pub fn upgrade_request(path: &str) -> Vec<u8> {
     out
 }
 
-/// A blocking WebSocket client (client role of wsedge's protocol core).
-pub struct Client {
-    pub stream: TcpStream,
+/// A blocking WebSocket client (client role of wsedge's protocol core), over plain TCP or
+/// (with `S` = [`pki::TlsStream`]) TLS.
+pub struct Client<S: Read + Write = TcpStream> {
+    pub stream: S,
     pub conn: Conn,
     rbuf: BytesMut,
 }
@@ -192,6 +200,20 @@ pub enum Refused {
     Status(u16, String),
     /// The connection closed or failed.
     Io(String),
+}
+
+impl Client<pki::TlsStream> {
+    /// Connect over TLS (trusting `ca`, as `server_name`) and upgrade.
+    pub fn connect_tls(
+        addr: SocketAddr,
+        server_name: &str,
+        ca: &std::path::Path,
+        client_cert: Option<&pki::Leaf>,
+        path: &str,
+    ) -> Result<Self, Refused> {
+        let s = pki::tls_connect(addr, server_name, ca, client_cert).map_err(Refused::Io)?;
+        Self::upgrade(s, path, &[]).map(|(c, _)| c)
+    }
 }
 
 impl Client {
@@ -212,17 +234,26 @@ impl Client {
         protocols: &[&str],
     ) -> Result<(Self, Option<String>), Refused> {
         let stream = TcpStream::connect(addr).map_err(|e| Refused::Io(e.to_string()))?;
+        stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
         Self::upgrade(stream, path, protocols)
     }
 
-    /// Upgrade an already connected stream.
+    /// After the close handshake: true if the server then closed the TCP connection.
+    pub fn server_closed_tcp(&mut self) -> bool {
+        let mut b = [0u8; 64];
+        matches!(self.stream.read(&mut b), Ok(0))
+            || matches!(self.stream.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+    }
+}
+
+impl<S: Read + Write> Client<S> {
+    /// Upgrade an already connected stream (read timeout set by the caller).
     pub fn upgrade(
-        mut stream: TcpStream,
+        mut stream: S,
         path: &str,
         protocols: &[&str],
     ) -> Result<(Self, Option<String>), Refused> {
-        stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
-        stream.set_nodelay(true).unwrap();
         let key = generate_key(rand_bytes());
         let mut req = Vec::new();
         write_client_request("127.0.0.1", path, &key, protocols, &[], &mut req);
@@ -347,13 +378,6 @@ impl Client {
                 None => return None,
             }
         }
-    }
-
-    /// After the close handshake: true if the server then closed the TCP connection.
-    pub fn server_closed_tcp(&mut self) -> bool {
-        let mut b = [0u8; 64];
-        matches!(self.stream.read(&mut b), Ok(0))
-            || matches!(self.stream.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
     }
 }
 
