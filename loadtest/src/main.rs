@@ -1525,7 +1525,7 @@ fn ingest_page<'a>(
     ];
     params.extend(
         r.invalid_every
-            .map(|k| ("invalid", format!("every {k}th message"))),
+            .map(|k| ("invalid", format!("1 in {k} messages of each connection"))),
     );
     params.extend(source.map(|s| ("source addresses", s.to_string())));
     let mut summary = vec![
