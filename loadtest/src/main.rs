@@ -2,9 +2,10 @@
 //! same completion-based runtime (one worker thread per `--threads`, each with its own
 //! runtime).
 //!
-//! Scenarios: `echo` (closed or open loop), `connect` (ramp, hold, handshake latency) and
+//! Scenarios: `echo` (closed or open loop), `connect` (ramp, hold, handshake latency),
 //! `broadcast` (publishers and subscribers of one topic: end-to-end latency, loss, duplicates,
-//! reordering). The `ingest` scenario is tracked in issue 3.
+//! reordering) and `ingest` (JSON messages into an ingest route: throughput and the server's
+//! backpressure as the client sees it, with the server's counters beside the client's).
 //!
 //! Every scenario prints a summary and can write its results as JSON (`--json`) and as a
 //! self-contained HTML report with charts (`--html`, see [`html`]).
@@ -15,6 +16,8 @@ mod connect;
 mod echo;
 mod end;
 mod html;
+mod ingest;
+mod scrape;
 mod stats;
 
 use std::io::{IsTerminal, Write};
@@ -49,6 +52,9 @@ enum Scenario {
     /// Publishers send to a topic on a schedule, subscribers measure end-to-end latency,
     /// loss, duplicates and reordering.
     Broadcast(BroadcastArgs),
+    /// Send JSON messages to an ingest route (closed loop, or open loop with --rate) and
+    /// measure the server's backpressure: blocked writes and schedule lag.
+    Ingest(IngestArgs),
 }
 
 /// Options every scenario takes.
@@ -149,11 +155,46 @@ struct BroadcastArgs {
     common: CommonArgs,
 }
 
+#[derive(Args)]
+struct IngestArgs {
+    /// Target URL (an ingest route).
+    #[arg(default_value = "ws://127.0.0.1:8080/ingest")]
+    url: String,
+    /// Connections.
+    #[arg(short, long, default_value_t = 10)]
+    conns: usize,
+    /// Message size in bytes: each JSON object is padded to this many (it is longer only
+    /// when its connection and sequence fields alone are).
+    #[arg(short, long, default_value_t = 256)]
+    size: usize,
+    /// Open loop: total messages per second over all connections, each on a fixed, staggered
+    /// schedule. Without it, closed loop: each connection writes its next message when the
+    /// previous write has completed.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Make every K-th message of each connection invalid JSON (counted separately).
+    #[arg(long, value_name = "K")]
+    invalid_every: Option<u64>,
+    /// Read the server's ingest counters from this Prometheus endpoint before and after the
+    /// run, e.g. http://127.0.0.1:9090/metrics, and report their change.
+    #[arg(long, value_name = "URL")]
+    metrics: Option<String>,
+    /// Measured seconds.
+    #[arg(short, long, default_value_t = 10.0)]
+    duration: f64,
+    /// Warm-up seconds, excluded from rates and latencies (not from the totals).
+    #[arg(short, long, default_value_t = 2.0)]
+    warmup: f64,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
         Scenario::Echo(a) => run_echo(a),
         Scenario::Connect(a) => run_connect(a),
         Scenario::Broadcast(a) => run_broadcast(a),
+        Scenario::Ingest(a) => run_ingest(a),
     }
 }
 
@@ -1084,6 +1125,530 @@ fn print_broadcast_summary(r: &BroadcastReport) {
         r.lost, r.duplicated, r.reordered, r.stale, r.unwritten
     );
     print_latency_and_errors("latency  ", &r.latency, &r.errors);
+    println!("  client cpu {:.0}% per thread", r.client_cpu_pct);
+    for w in &r.warnings {
+        println!("  WARNING: {w}");
+    }
+}
+
+/// The wsedge counters `--metrics` reads: messages accepted, invalid, backpressure waits.
+const INGEST_COUNTERS: [&str; 3] = [
+    "wsedge_ingest_accepted_total",
+    "wsedge_ingest_invalid_total",
+    "wsedge_ingest_backpressure_waits_total",
+];
+
+/// What the server counted during an `ingest` run (`--metrics`): each counter's change.
+#[derive(Serialize)]
+struct ServerCounts {
+    metrics_url: String,
+    accepted: u64,
+    invalid: u64,
+    backpressure_waits: u64,
+}
+
+/// One second of the `ingest` timeline.
+#[derive(Serialize)]
+struct IngestSecond {
+    t: usize,
+    messages: u64,
+    bytes: u64,
+    write_p99_us: f64,
+}
+
+/// The `ingest` `--json` report (documented in docs/loadtest.md).
+#[derive(Serialize)]
+struct IngestReport {
+    scenario: &'static str,
+    url: String,
+    conns_requested: usize,
+    conns_established: u64,
+    size: usize,
+    mode: String,
+    invalid_every: Option<u64>,
+    threads: usize,
+    duration_s: f64,
+    warmup_s: f64,
+    sent: u64,
+    sent_bytes: u64,
+    invalid_sent: u64,
+    unsent: u64,
+    measured_messages: u64,
+    measured_bytes: u64,
+    rate_msgs_per_s: f64,
+    rate_bytes_per_s: f64,
+    writes: u64,
+    blocked_writes: u64,
+    blocked_s: f64,
+    write_latency: Latency,
+    write_latency_percentiles: Vec<Percentile>,
+    lag: Option<Latency>,
+    lag_percentiles: Vec<Percentile>,
+    late_sends: u64,
+    skipped_sends: u64,
+    timeline: Vec<IngestSecond>,
+    close_codes: std::collections::BTreeMap<String, u64>,
+    closes_completed: u64,
+    errors: std::collections::BTreeMap<String, u64>,
+    server: Option<ServerCounts>,
+    client_cpu_pct: f64,
+    warnings: Vec<String>,
+}
+
+fn run_ingest(a: IngestArgs) -> anyhow::Result<()> {
+    if a.conns == 0 || a.common.threads == 0 {
+        bail!("--conns and --threads must be at least 1");
+    }
+    if a.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        bail!("--rate must be > 0");
+    }
+    if a.invalid_every == Some(0) {
+        bail!("--invalid-every must be at least 1");
+    }
+    if a.duration <= 0.0 || a.warmup < 0.0 {
+        bail!("--duration must be > 0 and --warmup ≥ 0");
+    }
+    let (target, sources) = prepare(&a.url, a.common.source.as_deref(), a.conns)?;
+    let metrics = a
+        .metrics
+        .as_deref()
+        .map(scrape::MetricsUrl::parse)
+        .transpose()?;
+    // Before any connection: a wrong URL fails the run at once.
+    let before = metrics
+        .as_ref()
+        .map(|m| m.counters(&INGEST_COUNTERS))
+        .transpose()?;
+    let params = Arc::new(ingest::IngestParams {
+        target,
+        conns: a.conns,
+        size: a.size,
+        rate: a.rate,
+        invalid_every: a.invalid_every,
+        duration: Duration::from_secs_f64(a.duration),
+        warmup: Duration::from_secs_f64(a.warmup),
+        sources,
+    });
+    let live = Arc::new(Live::default());
+    let il = Arc::new(ingest::IngestLive::default());
+    let timing = Arc::new(OnceLock::new());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let threads = a.common.threads.min(a.conns);
+    let handles = {
+        let (p, l, il, t, tx) = (
+            params.clone(),
+            live.clone(),
+            il.clone(),
+            timing.clone(),
+            tx.clone(),
+        );
+        spawn_workers(a.conns, threads, move |f, n| {
+            ingest::worker(
+                p.clone(),
+                f,
+                n,
+                l.clone(),
+                il.clone(),
+                tx.clone(),
+                t.clone(),
+            )
+        })
+    };
+    drop(tx);
+    for _ in 0..threads {
+        rx.recv().context("a worker died while connecting")?;
+    }
+    let start = Instant::now();
+    let measure_start = start + params.warmup;
+    let end = measure_start + params.duration;
+    let _ = timing.set(Timing {
+        start,
+        measure_start,
+        end,
+    });
+    if live.connections.load(Ordering::Relaxed) == 0 {
+        eprintln!("no connection could be established");
+    }
+
+    // Progress: one line per second (rewritten in place on a terminal).
+    let tty = std::io::stderr().is_terminal();
+    let (mut last_msgs, mut last_bytes, mut last_tick) = (0u64, 0u64, Instant::now());
+    // Without a warm-up the measured window starts now.
+    let mut cpu_at_measure = (params.warmup.is_zero()).then(|| (process_cpu(), Instant::now()));
+    while Instant::now() < end {
+        // Wake each second, and exactly at the start and end of the measured window (the
+        // CPU samples).
+        let now = Instant::now();
+        let boundary = [measure_start, end]
+            .into_iter()
+            .find(|&b| b > now)
+            .unwrap_or(end);
+        std::thread::sleep(Duration::from_secs(1).min(boundary.saturating_duration_since(now)));
+        let now = Instant::now();
+        if cpu_at_measure.is_none() && now >= measure_start {
+            cpu_at_measure = Some((process_cpu(), now));
+        }
+        let (m, b) = (
+            live.messages.load(Ordering::Relaxed),
+            il.bytes.load(Ordering::Relaxed),
+        );
+        let per_s = |n: u64| n as f64 / (now - last_tick).as_secs_f64().max(1e-3);
+        let line = format!(
+            "t={:>4.1}s  {:>9.0} msg/s  {:>8.2} MB/s  write p99 {:>9}  blocked {:>6}{}  \
+             conns {:>6}  errors {:>5}{}",
+            start.elapsed().as_secs_f64(),
+            per_s(m - last_msgs),
+            per_s(b - last_bytes) / 1e6,
+            match live.p99_us.swap(0, Ordering::Relaxed) {
+                0 => "-".to_string(),
+                v => format!("{v} µs"),
+            },
+            il.blocked.load(Ordering::Relaxed),
+            if params.rate.is_some() {
+                format!("  late {:>6}", il.late.load(Ordering::Relaxed))
+            } else {
+                String::new()
+            },
+            live.connections.load(Ordering::Relaxed),
+            live.errors.load(Ordering::Relaxed),
+            // Ticks fall on the phase boundaries: label the interval that just ended.
+            if last_tick < measure_start {
+                "  (warm-up)"
+            } else {
+                ""
+            }
+        );
+        (last_msgs, last_bytes, last_tick) = (m, b, now);
+        progress(tty, &line);
+    }
+    let cpu_end = (process_cpu(), Instant::now());
+    progress(
+        tty,
+        &format!(
+            "closing: sending what is queued, then waiting up to {} s for the server's close",
+            ingest::CLOSE_WAIT.as_secs()
+        ),
+    );
+    let mut total = ingest::IngestStats::new();
+    for h in handles {
+        total.merge(h.join().map_err(|_| anyhow::anyhow!("a worker panicked"))?);
+    }
+    if tty {
+        eprintln!();
+    }
+    let mut warnings = Vec::new();
+    // After every connection has ended: what the server read is counted by now.
+    let server = match (&metrics, before) {
+        (Some(m), Some(b)) => match m.counters(&INGEST_COUNTERS) {
+            Ok(after) => Some(ServerCounts {
+                metrics_url: m.url.clone(),
+                accepted: after[0].saturating_sub(b[0]),
+                invalid: after[1].saturating_sub(b[1]),
+                backpressure_waits: after[2].saturating_sub(b[2]),
+            }),
+            Err(e) => {
+                warnings.push(format!("the server's counters could not be read: {e:#}"));
+                None
+            }
+        },
+        _ => None,
+    };
+    let (cpu0, t0) = cpu_at_measure.unwrap_or((Duration::ZERO, start));
+    let wall = cpu_end.1.saturating_duration_since(t0).as_secs_f64();
+    let client_cpu_pct = if wall > 0.0 {
+        100.0 * cpu_end.0.saturating_sub(cpu0).as_secs_f64() / wall / threads as f64
+    } else {
+        0.0
+    };
+    let tally = &total.tally;
+    let stats = &total.stats;
+    if client_cpu_pct > 90.0 {
+        warnings.push(format!(
+            "the load generator used {client_cpu_pct:.0}% of its {threads} thread(s): it may be \
+             the bottleneck (add --threads, or pin it to its own core)"
+        ));
+    }
+    if stats.skipped_sends > 0 {
+        warnings.push(format!(
+            "{} scheduled sends were skipped: connections had {} messages not yet written (the \
+             server stopped reading)",
+            stats.skipped_sends,
+            stats::MAX_OUTSTANDING
+        ));
+    }
+    if stats.late_sends > total.lag.len() / 100 {
+        warnings.push(format!(
+            "{} messages were sent more than 1 ms behind schedule: the server pushed back (see \
+             blocked writes) or the client could not keep the rate (see its CPU)",
+            stats.late_sends
+        ));
+    }
+    if tally.unsent > 0 {
+        warnings.push(format!(
+            "{} queued messages were not sent by the end (the server stopped reading, or the \
+             connection failed); the server may have read part of them",
+            tally.unsent
+        ));
+    }
+    let unclosed = stats.connected.saturating_sub(tally.closes_completed);
+    if unclosed > 0 {
+        warnings.push(format!(
+            "{unclosed} connections did not end with the close handshake (see errors): the \
+             server may not have read everything they sent, and its counters may still change"
+        ));
+    }
+    let valid_sent = tally.sent - tally.invalid_sent;
+    if let Some(s) = &server {
+        if s.accepted < valid_sent {
+            warnings.push(format!(
+                "the server accepted {} messages but the client sent {valid_sent} valid ones: \
+                 messages were lost, refused after a close for an invalid one (on_error = \
+                 \"close\"), or not read before the connection ended",
+                s.accepted
+            ));
+        } else if s.accepted > valid_sent {
+            warnings.push(format!(
+                "the server accepted {} messages but the client sent {valid_sent} valid ones: \
+                 other clients were sending to the server, or it read part of a write that did \
+                 not complete",
+                s.accepted
+            ));
+        }
+        if s.invalid != tally.invalid_sent {
+            warnings.push(format!(
+                "the server counted {} invalid messages, the client sent {} (other clients, a \
+                 close on error, or a route that is not format = \"json\")",
+                s.invalid, tally.invalid_sent
+            ));
+        }
+    }
+    let secs = params.duration.as_secs_f64();
+    let timeline = stats
+        .timeline
+        .iter()
+        .enumerate()
+        .take(secs.ceil() as usize)
+        .map(|(t, (n, h))| IngestSecond {
+            t,
+            messages: *n,
+            bytes: tally.bytes_timeline.get(t).copied().unwrap_or(0),
+            write_p99_us: h.value_at_quantile(0.99) as f64 / 1000.0,
+        })
+        .collect();
+    let report = IngestReport {
+        scenario: "ingest",
+        url: a.url.clone(),
+        conns_requested: a.conns,
+        conns_established: stats.connected,
+        size: a.size,
+        mode: match a.rate {
+            Some(r) => format!("open-loop {r} msg/s"),
+            None => "closed-loop".to_string(),
+        },
+        invalid_every: a.invalid_every,
+        threads,
+        duration_s: secs,
+        warmup_s: params.warmup.as_secs_f64(),
+        sent: tally.sent,
+        sent_bytes: tally.sent_bytes,
+        invalid_sent: tally.invalid_sent,
+        unsent: tally.unsent,
+        measured_messages: stats.messages,
+        measured_bytes: tally.measured_bytes,
+        rate_msgs_per_s: stats.messages as f64 / secs,
+        rate_bytes_per_s: tally.measured_bytes as f64 / secs,
+        writes: tally.writes,
+        blocked_writes: tally.blocked_writes,
+        blocked_s: tally.blocked_ns as f64 / 1e9,
+        write_latency: Latency::of(&stats.hist),
+        write_latency_percentiles: percentiles(&stats.hist),
+        lag: a.rate.map(|_| Latency::of(&total.lag)),
+        lag_percentiles: percentiles(&total.lag),
+        late_sends: stats.late_sends,
+        skipped_sends: stats.skipped_sends,
+        timeline,
+        close_codes: tally.close_codes.clone(),
+        closes_completed: tally.closes_completed,
+        errors: stats.errors.clone(),
+        server,
+        client_cpu_pct,
+        warnings,
+    };
+    print_ingest_summary(&report, total.lag.len());
+    if let Some(path) = &a.common.json {
+        write_json(path, &report)?;
+    }
+    if let Some(path) = &a.common.html {
+        let seconds: Vec<Second> = report
+            .timeline
+            .iter()
+            .map(|s| Second {
+                t: s.t,
+                messages: s.messages,
+                p99_us: s.write_p99_us,
+            })
+            .collect();
+        html::write(
+            path,
+            &ingest_page(&report, &seconds, a.common.source.as_deref()),
+        )?;
+    }
+    if report.conns_established == 0 {
+        bail!("no connection could be established");
+    }
+    if report.sent == 0 {
+        bail!("no message was sent");
+    }
+    Ok(())
+}
+
+/// Bytes per second as MB/s.
+fn mb_per_s(bytes_per_s: f64) -> String {
+    format!("{:.2} MB/s", bytes_per_s / 1e6)
+}
+
+/// The `--html` report of an `ingest` run.
+fn ingest_page<'a>(
+    r: &'a IngestReport,
+    seconds: &'a [Second],
+    source: Option<&'a str>,
+) -> html::Page<'a> {
+    let mut params = vec![
+        ("connections", group(r.conns_requested as u64)),
+        ("message size", format!("{} B", r.size)),
+        ("mode", r.mode.clone()),
+        ("threads", r.threads.to_string()),
+        (
+            "measured",
+            format!("{} s (warm-up {} s excluded)", r.duration_s, r.warmup_s),
+        ),
+    ];
+    params.extend(
+        r.invalid_every
+            .map(|k| ("invalid", format!("1 in {k} messages of each connection"))),
+    );
+    params.extend(source.map(|s| ("source addresses", s.to_string())));
+    let mut summary = vec![
+        ("msg/s", group(r.rate_msgs_per_s.round() as u64)),
+        ("throughput", mb_per_s(r.rate_bytes_per_s)),
+        ("sent", group(r.sent)),
+        ("invalid sent", group(r.invalid_sent)),
+        ("unsent", group(r.unsent)),
+        (
+            "connections",
+            format!("{}/{}", r.conns_established, r.conns_requested),
+        ),
+        (
+            "blocked writes",
+            format!("{} ({:.2} s)", group(r.blocked_writes), r.blocked_s),
+        ),
+        (
+            "write p99",
+            latency_or_dash(r.writes, r.write_latency.p99_us),
+        ),
+        (
+            "write max",
+            latency_or_dash(r.writes, r.write_latency.max_us),
+        ),
+    ];
+    if let Some(l) = &r.lag {
+        let n = r.lag_percentiles.len() as u64;
+        summary.push(("lag p99", latency_or_dash(n, l.p99_us)));
+        summary.push(("lag max", latency_or_dash(n, l.max_us)));
+        summary.push(("late sends", group(r.late_sends)));
+    }
+    if let Some(s) = &r.server {
+        summary.push(("server accepted", group(s.accepted)));
+        summary.push(("server invalid", group(s.invalid)));
+        summary.push(("server backpressure waits", group(s.backpressure_waits)));
+    }
+    summary.push(("client CPU per thread", format!("{:.0}%", r.client_cpu_pct)));
+    html::Page {
+        scenario: "ingest",
+        targets: vec![("URL", &r.url)],
+        params,
+        summary,
+        warnings: &r.warnings,
+        latency_what: "Write completion latency",
+        latency: &r.write_latency,
+        percentiles: &r.write_latency_percentiles,
+        samples: r.writes,
+        timeline: seconds,
+        rate_what: "messages sent/s",
+        time_what: "second of the measured window (p99: write completion latency)",
+        errors: &r.errors,
+        date: SystemTime::now(),
+    }
+}
+
+fn print_ingest_summary(r: &IngestReport, lag_samples: u64) {
+    println!(
+        "ingest {}  conns {}/{}  size {} B  {}{}  threads {}",
+        r.url,
+        r.conns_established,
+        r.conns_requested,
+        r.size,
+        r.mode,
+        r.invalid_every
+            .map_or(String::new(), |k| format!("  invalid every {k}")),
+        r.threads
+    );
+    println!(
+        "  measured {:.1} s (warm-up {:.1} s excluded from rates and latencies)",
+        r.duration_s, r.warmup_s
+    );
+    println!(
+        "  sent      {:>12} msgs {:>14} B   invalid {}   unsent {}   (whole run)",
+        r.sent, r.sent_bytes, r.invalid_sent, r.unsent
+    );
+    println!(
+        "  rate      {:>12.0} msg/s {:>12}",
+        r.rate_msgs_per_s,
+        mb_per_s(r.rate_bytes_per_s)
+    );
+    println!(
+        "  writes    {:>12}   blocked (> 1 ms) {}   blocked time {:.3} s",
+        r.writes, r.blocked_writes, r.blocked_s
+    );
+    if let Some(l) = &r.lag {
+        if lag_samples == 0 {
+            println!("  lag       no samples");
+        } else {
+            println!(
+                "  lag       p50 {:.1} µs  p90 {:.1} µs  p99 {:.1} µs  p99.9 {:.1} µs  max {:.1} \
+                 µs  late (> 1 ms) {}  skipped {}",
+                l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us, r.late_sends, r.skipped_sends
+            );
+        }
+    }
+    let codes: Vec<String> = r
+        .close_codes
+        .iter()
+        .map(|(k, v)| format!("{k} x{v}"))
+        .collect();
+    println!(
+        "  closes    received {}   handshakes completed {}/{}",
+        if codes.is_empty() {
+            "none".to_string()
+        } else {
+            codes.join(", ")
+        },
+        r.closes_completed,
+        r.conns_established
+    );
+    if let Some(s) = &r.server {
+        println!(
+            "  server    accepted {} (client sent {} valid)   invalid {} (client sent {})   \
+             backpressure waits {}   [{}]",
+            s.accepted,
+            r.sent - r.invalid_sent,
+            s.invalid,
+            r.invalid_sent,
+            s.backpressure_waits,
+            s.metrics_url
+        );
+    }
+    print_latency_and_errors("write    ", &r.write_latency, &r.errors);
     println!("  client cpu {:.0}% per thread", r.client_cpu_pct);
     for w in &r.warnings {
         println!("  WARNING: {w}");

@@ -88,6 +88,12 @@ impl WorkerStats {
     /// Record one completed message at `second` of the measured window. When a new second
     /// starts, the p99 of the finished ones is published to `live` for the progress line.
     pub fn record(&mut self, second: usize, latency: Duration, live: &Live) {
+        self.record_n(second, 1, latency, live);
+    }
+
+    /// Record one latency sample at `second` of the measured window that completed
+    /// `messages` messages (`ingest`: one write carrying several messages, or none).
+    pub fn record_n(&mut self, second: usize, messages: u64, latency: Duration, live: &Live) {
         while self.published < second.min(self.timeline.len()) {
             let p99 = self.timeline[self.published].1.value_at_quantile(0.99) / 1000;
             live.p99_us.fetch_max(p99, Ordering::Relaxed);
@@ -96,12 +102,12 @@ impl WorkerStats {
         let ns = (latency.as_nanos() as u64).clamp(1, 100_000_000_000);
         // Invariant: ns is clamped into the histogram's bounds.
         self.hist.record(ns).expect("in bounds");
-        self.messages += 1;
+        self.messages += messages;
         if self.timeline.len() <= second {
             self.timeline.resize_with(second + 1, || (0, new_hist()));
         }
         let slot = &mut self.timeline[second];
-        slot.0 += 1;
+        slot.0 += messages;
         slot.1.record(ns).expect("in bounds");
     }
 
