@@ -403,6 +403,17 @@ impl ClientTls {
     }
 }
 
+impl ClientTls {
+    /// The same settings without session resumption: every connection runs a full
+    /// handshake (load tests measure that cost; by default sessions resume, as browsers do).
+    pub fn without_resumption(mut self) -> Self {
+        let mut c = (*self.config).clone();
+        c.resumption = rustls::client::Resumption::disabled();
+        self.config = Arc::new(c);
+        self
+    }
+}
+
 /// `insecure_skip_verify`: any certificate is accepted; handshake signatures are still
 /// checked (so the peer holds the key of the certificate it sent, whatever that is).
 #[derive(Debug)]

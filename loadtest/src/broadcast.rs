@@ -26,11 +26,10 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use compio::BufResult;
-use compio::io::{AsyncReadExt, AsyncWriteExt};
-use compio::net::TcpStream;
 use futures_util::future::{Fuse, FusedFuture, FutureExt};
 use futures_util::select_biased;
 use wsedge::proto::{CloseCode, Event, MessageKind};
+use wsedge::shard::stream::Stream;
 
 use crate::client::{self, Target, WsClient};
 use crate::echo::Timing;
@@ -396,14 +395,12 @@ pub fn worker(
     })
 }
 
-fn read_op(s: &TcpStream, buf: BytesMut) -> impl Future<Output = BufResult<usize, BytesMut>> + '_ {
-    let mut s = s;
-    async move { s.append(buf).await }
+fn read_op(s: &Stream, buf: BytesMut) -> impl Future<Output = BufResult<usize, BytesMut>> + '_ {
+    s.read(buf)
 }
 
-fn write_op(s: &TcpStream, buf: Vec<u8>) -> impl Future<Output = BufResult<(), Vec<u8>>> + '_ {
-    let mut s = s;
-    async move { s.write_all(buf).await }
+fn write_op(s: &Stream, buf: Vec<u8>) -> impl Future<Output = BufResult<(), Vec<u8>>> + '_ {
+    s.write_all(buf)
 }
 
 /// Make room in a connection's read buffer: at least 4 KiB free, and the rest of a frame

@@ -1,16 +1,20 @@
-//! Client connections: TCP connect (optionally from a chosen source address) and the
-//! WebSocket upgrade, using the client role of wsedge's sans-IO protocol core.
+//! Client connections: TCP connect (optionally from a chosen source address), TLS for
+//! `wss://` URLs, and the WebSocket upgrade, using the client role of wsedge's sans-IO
+//! protocol core and wsedge's own stream type (so TLS is the server's record layer too).
 
 use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
 
 use bytes::BytesMut;
 use compio::BufResult;
-use compio::io::{AsyncReadExt, AsyncWriteExt};
 use compio::net::TcpStream;
 use wsedge::proto::handshake::{generate_key, parse_response, write_client_request};
 use wsedge::proto::{Conn, HandshakeError, HandshakeLimits, Limits, Role};
+use wsedge::shard::stream::{Stream, connect_tls};
+use wsedge::tls::ClientTls;
+use wsedge::upstream::{TlsOptions, WsUrl};
 
-/// A parsed `ws://host:port/path` URL.
+/// A parsed `ws://` or `wss://host:port/path` URL.
 #[derive(Debug, Clone)]
 pub struct Target {
     /// Resolved address.
@@ -19,30 +23,25 @@ pub struct Target {
     pub host: String,
     /// Request path (with query).
     pub path: String,
+    /// `wss://`: the TLS client settings.
+    pub tls: Option<Box<ClientTls>>,
 }
 
 impl Target {
-    /// Parse a `ws://` URL with an IP or resolvable host name.
+    /// Parse a `ws://` URL, or a `wss://` one with default TLS settings (system roots).
+    #[cfg(test)]
     pub fn parse(url: &str) -> anyhow::Result<Self> {
-        let rest = url
-            .strip_prefix("ws://")
-            .ok_or_else(|| anyhow::anyhow!("only ws:// URLs are supported (got `{url}`)"))?;
-        let (hostport, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        let with_port = if hostport.contains(':') {
-            hostport.to_string()
-        } else {
-            format!("{hostport}:80")
-        };
-        let addr = std::net::ToSocketAddrs::to_socket_addrs(&with_port)?
-            .next()
-            .ok_or_else(|| anyhow::anyhow!("`{hostport}` does not resolve"))?;
+        Self::parse_with(url, &TlsOptions::default())
+    }
+
+    /// Parse a `ws://` or `wss://` URL with an IP or resolvable host name.
+    pub fn parse_with(url: &str, tls: &TlsOptions) -> anyhow::Result<Self> {
+        let u = WsUrl::parse_with(url, tls).map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(Self {
-            addr,
-            host: hostport.to_string(),
-            path: path.to_string(),
+            addr: u.addr,
+            host: u.host,
+            path: u.path,
+            tls: u.tls,
         })
     }
 }
@@ -58,6 +57,8 @@ pub enum ConnectError {
     Handshake(HandshakeError),
     /// The connection broke during the handshake.
     Io(std::io::Error),
+    /// The TLS handshake failed (certificate refused, alert, ...).
+    Tls(std::io::Error),
 }
 
 impl ConnectError {
@@ -68,6 +69,7 @@ impl ConnectError {
             Self::Status(s) => format!("handshake status {s}"),
             Self::Handshake(e) => format!("handshake invalid: {e}"),
             Self::Io(e) => format!("handshake io: {}", io_kind(e)),
+            Self::Tls(e) => format!("tls: {e}"),
         }
     }
 }
@@ -85,8 +87,8 @@ pub fn io_kind(e: &std::io::Error) -> String {
 
 /// An upgraded connection.
 pub struct WsClient {
-    /// The socket.
-    pub stream: TcpStream,
+    /// The socket (plain or TLS), shared by a connection's concurrent read and write.
+    pub stream: Rc<Stream>,
     /// Protocol state (client role).
     pub conn: Conn,
     /// Bytes read but not yet consumed by `conn`.
@@ -99,18 +101,24 @@ pub async fn connect(
     source: Option<IpAddr>,
     seed: u64,
 ) -> Result<WsClient, ConnectError> {
-    let stream = match source {
+    let tcp = match source {
         None => TcpStream::connect(target.addr)
             .await
             .map_err(ConnectError::Connect)?,
         Some(ip) => connect_from(ip, target.addr).await?,
     };
-    let _ = stream.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
+    let stream = Stream::plain(tcp);
+    if let Some(t) = &target.tls {
+        let tls = connect_tls(stream.tcp(), t)
+            .await
+            .map_err(ConnectError::Tls)?;
+        stream.set_tls(tls);
+    }
     let key = generate_key(nonce(seed));
     let mut req = Vec::with_capacity(256);
     write_client_request(&target.host, &target.path, &key, &[], &[], &mut req);
-    let mut s = &stream;
-    if let BufResult(Err(e), _) = s.write_all(req).await {
+    if let BufResult(Err(e), _) = stream.write_all(req).await {
         return Err(ConnectError::Io(e));
     }
     let mut buf = BytesMut::with_capacity(1024);
@@ -118,7 +126,7 @@ pub async fn connect(
         if buf.capacity() == buf.len() {
             buf.reserve(1024);
         }
-        let BufResult(res, b) = s.append(buf).await;
+        let BufResult(res, b) = stream.read(buf).await;
         buf = b;
         match res {
             Ok(0) => {
@@ -137,7 +145,7 @@ pub async fn connect(
                 let mut conn = Conn::new(Role::Client, Limits::default());
                 conn.set_mask_seed(seed);
                 return Ok(WsClient {
-                    stream,
+                    stream: Rc::new(stream),
                     conn,
                     rbuf: buf,
                 });

@@ -14,8 +14,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use compio::BufResult;
-use compio::io::{AsyncReadExt, AsyncWriteExt};
 use wsedge::proto::{CloseCode, Event};
 
 use crate::client::{self, Target, WsClient};
@@ -123,12 +123,11 @@ async fn hold(mut c: WsClient, end: Instant) -> Result<(), String> {
     let stream = c.stream.clone();
     let mut out = Vec::new();
     loop {
-        let mut s = &stream;
         let mut buf = std::mem::take(&mut c.rbuf);
         if buf.capacity() - buf.len() < 256 {
             buf.reserve(1024);
         }
-        match compio::time::timeout_at(end, s.append(buf)).await {
+        match compio::time::timeout_at(end, stream.read(buf)).await {
             // The hold is over: close politely (best effort).
             Err(_elapsed) => break,
             Ok(BufResult(Ok(0), _)) => return Err("closed by server while held".into()),
@@ -151,8 +150,7 @@ async fn hold(mut c: WsClient, end: Instant) -> Result<(), String> {
                 // Pongs for the server's keepalive pings were queued by the protocol core.
                 if c.conn.pending_transmit() > 0 {
                     c.conn.poll_transmit(&mut out);
-                    let mut w = &stream;
-                    let BufResult(r, o) = w.write_all(std::mem::take(&mut out)).await;
+                    let BufResult(r, o) = stream.write_all(std::mem::take(&mut out)).await;
                     r.map_err(|e| format!("write while held: {}", client::io_kind(&e)))?;
                     out = o;
                     out.clear();
@@ -162,15 +160,13 @@ async fn hold(mut c: WsClient, end: Instant) -> Result<(), String> {
     }
     let _ = c.conn.close(CloseCode::NORMAL, "");
     c.conn.poll_transmit(&mut out);
-    let mut w = &stream;
-    let _ = w.write_all(out).await;
+    let _ = stream.write_all(out).await;
     // Wait (briefly) for the server's close and FIN, so the connection ends with the close
     // handshake instead of a reset.
     let _ = compio::time::timeout(Duration::from_secs(1), async {
-        let mut buf = Vec::with_capacity(256);
+        let mut buf = BytesMut::with_capacity(256);
         loop {
-            let mut r = &stream;
-            let BufResult(res, b) = r.append(buf).await;
+            let BufResult(res, b) = stream.read(buf).await;
             buf = b;
             buf.clear();
             if !matches!(res, Ok(n) if n > 0) {

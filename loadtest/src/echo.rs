@@ -18,11 +18,10 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use compio::BufResult;
-use compio::io::{AsyncReadExt, AsyncWriteExt};
-use compio::net::TcpStream;
 use futures_util::future::{Fuse, FusedFuture, FutureExt};
 use futures_util::select_biased;
 use wsedge::proto::{CloseCode, Event, MessageKind};
+use wsedge::shard::stream::Stream;
 
 use crate::client::{self, Target, WsClient};
 use crate::end::End;
@@ -191,14 +190,12 @@ fn on_input(
     Ok(n)
 }
 
-fn read_op(s: &TcpStream, buf: BytesMut) -> impl Future<Output = BufResult<usize, BytesMut>> + '_ {
-    let mut s = s;
-    async move { s.append(buf).await }
+fn read_op(s: &Stream, buf: BytesMut) -> impl Future<Output = BufResult<usize, BytesMut>> + '_ {
+    s.read(buf)
 }
 
-fn write_op(s: &TcpStream, buf: Vec<u8>) -> impl Future<Output = BufResult<(), Vec<u8>>> + '_ {
-    let mut s = s;
-    async move { s.write_all(buf).await }
+fn write_op(s: &Stream, buf: Vec<u8>) -> impl Future<Output = BufResult<(), Vec<u8>>> + '_ {
+    s.write_all(buf)
 }
 
 /// Drive one connection until the end of the run. Reads, writes and the send schedule run

@@ -73,6 +73,31 @@ struct CommonArgs {
     /// p99 per second, errors) to this file.
     #[arg(long)]
     html: Option<PathBuf>,
+    /// wss:// only: PEM file of the CA(s) to trust instead of the system roots.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// wss:// only: name for SNI and certificate verification, if not the URL's host.
+    #[arg(long)]
+    tls_server_name: Option<String>,
+    /// wss:// only: accept any server certificate (testing; the connection is encrypted
+    /// but not authenticated).
+    #[arg(long)]
+    tls_insecure: bool,
+    /// wss:// only: no TLS session resumption (every connection a full handshake).
+    #[arg(long)]
+    tls_no_resume: bool,
+}
+
+impl CommonArgs {
+    /// TLS settings for wss:// targets.
+    fn tls(&self) -> wsedge::upstream::TlsOptions {
+        wsedge::upstream::TlsOptions {
+            ca: self.tls_ca.clone(),
+            client_cert: None,
+            server_name: self.tls_server_name.clone(),
+            insecure_skip_verify: self.tls_insecure,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -252,11 +277,19 @@ fn check_limits(conns: usize, sources: usize) -> anyhow::Result<()> {
 /// Parse the target and the source addresses and check that `conns` connections fit.
 fn prepare(
     url: &str,
-    source: Option<&str>,
+    common: &CommonArgs,
     conns: usize,
 ) -> anyhow::Result<(client::Target, Vec<IpAddr>)> {
-    let target = client::Target::parse(url)?;
-    let sources = source.map(parse_sources).transpose()?.unwrap_or_default();
+    let mut target = client::Target::parse_with(url, &common.tls())?;
+    if common.tls_no_resume {
+        target.tls = target.tls.map(|t| Box::new(t.without_resumption()));
+    }
+    let sources = common
+        .source
+        .as_deref()
+        .map(parse_sources)
+        .transpose()?
+        .unwrap_or_default();
     check_limits(conns, sources.len())?;
     Ok((target, sources))
 }
@@ -389,7 +422,7 @@ fn run_echo(a: EchoArgs) -> anyhow::Result<()> {
     if a.duration <= 0.0 || a.warmup < 0.0 {
         bail!("--duration must be > 0 and --warmup ≥ 0");
     }
-    let (target, sources) = prepare(&a.url, a.common.source.as_deref(), a.conns)?;
+    let (target, sources) = prepare(&a.url, &a.common, a.conns)?;
     let params = Arc::new(EchoParams {
         target,
         conns: a.conns,
@@ -663,7 +696,7 @@ fn run_connect(a: ConnectArgs) -> anyhow::Result<()> {
     if a.churn.is_some_and(|c| c <= 0.0 || !c.is_finite()) {
         bail!("--churn must be a positive rate (connections per second)");
     }
-    let (target, sources) = prepare(&a.url, a.common.source.as_deref(), a.conns)?;
+    let (target, sources) = prepare(&a.url, &a.common, a.conns)?;
     let params = Arc::new(connect::ConnectParams {
         target,
         conns: a.conns,
@@ -814,8 +847,8 @@ fn run_broadcast(a: BroadcastArgs) -> anyhow::Result<()> {
         bail!("--duration must be > 0 and --warmup ≥ 0");
     }
     let total_conns = a.subs + a.publishers;
-    let (sub_target, sources) = prepare(&a.sub_url, a.common.source.as_deref(), total_conns)?;
-    let pub_target = client::Target::parse(&a.pub_url)?;
+    let (sub_target, sources) = prepare(&a.sub_url, &a.common, total_conns)?;
+    let pub_target = client::Target::parse_with(&a.pub_url, &a.common.tls())?;
     let params = Arc::new(broadcast::BroadcastParams {
         pub_target,
         sub_target,
@@ -1208,7 +1241,7 @@ fn run_ingest(a: IngestArgs) -> anyhow::Result<()> {
     if a.duration <= 0.0 || a.warmup < 0.0 {
         bail!("--duration must be > 0 and --warmup ≥ 0");
     }
-    let (target, sources) = prepare(&a.url, a.common.source.as_deref(), a.conns)?;
+    let (target, sources) = prepare(&a.url, &a.common, a.conns)?;
     let metrics = a
         .metrics
         .as_deref()

@@ -110,3 +110,86 @@ fn open_loop_survives_server_backpressure() {
     }
     srv.shutdown();
 }
+
+/// A CA and a server certificate for `localhost`, as PEM files in a temporary folder.
+fn certificates(tag: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("wsedge-load-tls-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = p.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let files = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&files.0, ca.pem()).unwrap();
+    std::fs::write(&files.1, leaf.pem()).unwrap();
+    std::fs::write(&files.2, key.serialize_pem()).unwrap();
+    files
+}
+
+#[test]
+fn echo_over_wss_with_a_custom_ca_and_a_refused_certificate() {
+    let (ca, cert, key) = certificates("echo");
+    let srv = server(
+        1,
+        &format!(
+            "[listener.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let url = format!("wss://{}/echo", srv.listen_addrs()[0].1);
+    let ca_arg = ca.display().to_string();
+    let tls = ["--tls-ca", &ca_arg, "--tls-server-name", "localhost"];
+    let mut args = vec![
+        "echo",
+        &url,
+        "--conns",
+        "4",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+    ];
+    args.extend(tls);
+    let r = run(&args);
+    assert_eq!(r["conns_established"], 4, "{r}");
+    assert_eq!(r["errors"].as_object().unwrap().len(), 0, "{r}");
+    let measured = r["messages"].as_u64().unwrap();
+    assert!(measured > 0);
+    let t = merge(&srv.shards().snapshots());
+    assert!(t.messages_out >= measured);
+    // Without the CA the server's certificate is refused, and the report says so.
+    let out = Command::new(env!("CARGO_BIN_EXE_wsedge-load"))
+        .args([
+            "echo",
+            &url,
+            "--conns",
+            "2",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0",
+        ])
+        .args(["--tls-server-name", "localhost"])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("tls:") && text.contains("certificate"),
+        "{text}"
+    );
+    srv.shutdown();
+}

@@ -19,7 +19,7 @@ mod proxy;
 mod signal;
 mod sink;
 mod source;
-mod stream;
+pub mod stream;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::num::NonZeroUsize;

@@ -1,4 +1,5 @@
 //! One connection's byte stream, as the drivers see it: plain TCP, or TLS over TCP.
+//! Public because `wsedge-load` drives its client connections through the same type.
 //!
 //! The drivers keep at most one read and one write in flight per stream (they run
 //! concurrently in one select loop), and both take and return owned buffers, as compio does.
@@ -34,13 +35,13 @@ const MAX_CIPHER_READ: usize = 16 * 1024 + 256;
 const KEEP_CIPHER_OUT: usize = 64 * 1024;
 
 /// A connection's stream. TLS is set once, right after the TLS handshake.
-pub(crate) struct Stream {
+pub struct Stream {
     tcp: TcpStream,
     tls: OnceCell<Box<Tls>>,
 }
 
-/// The TLS state of one connection.
-pub(crate) struct Tls {
+/// The TLS state of one connection (see [`accept_tls`], [`connect_tls`]).
+pub struct Tls {
     conn: RefCell<rustls::Connection>,
     /// Ciphertext read buffer; absent while a read is in flight.
     cipher_in: Cell<Option<Vec<u8>>>,
@@ -51,12 +52,12 @@ pub(crate) struct Tls {
     /// Set once the peer's close_notify was read (reads then end with 0).
     peer_closed: Cell<bool>,
     /// The verified client certificate's identity (server side, mTLS).
-    pub(crate) peer_identity: Option<PeerIdentity>,
+    pub peer_identity: Option<PeerIdentity>,
 }
 
 impl Stream {
     /// A plain TCP stream.
-    pub(crate) fn plain(tcp: TcpStream) -> Self {
+    pub fn plain(tcp: TcpStream) -> Self {
         Self {
             tcp,
             tls: OnceCell::new(),
@@ -64,32 +65,29 @@ impl Stream {
     }
 
     /// The socket (for options and addresses).
-    pub(crate) fn tcp(&self) -> &TcpStream {
+    pub fn tcp(&self) -> &TcpStream {
         &self.tcp
     }
 
     /// Use TLS from now on (after [`accept_tls`] or [`connect_tls`] succeeded).
-    pub(crate) fn set_tls(&self, tls: Box<Tls>) {
+    pub fn set_tls(&self, tls: Box<Tls>) {
         // Invariant: called once per stream, right after its handshake.
         let _ = self.tls.set(tls);
     }
 
     /// The TLS state, if the stream is TLS.
-    pub(crate) fn tls(&self) -> Option<&Tls> {
+    pub fn tls(&self) -> Option<&Tls> {
         self.tls.get().map(|b| &**b)
     }
 
     /// The peer's address.
-    pub(crate) fn peer_addr(&self) -> io::Result<SocketAddr> {
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
         self.tcp.peer_addr()
     }
 
     /// Read into `buf`'s spare capacity (appending): `Ok(0)` is the end of the stream.
     #[allow(clippy::manual_async_fn)] // a block, not `async fn`: see `driver::serve`
-    pub(crate) fn read(
-        &self,
-        buf: BytesMut,
-    ) -> impl Future<Output = BufResult<usize, BytesMut>> + '_ {
+    pub fn read(&self, buf: BytesMut) -> impl Future<Output = BufResult<usize, BytesMut>> + '_ {
         async move {
             match self.tls.get() {
                 // `read` into the spare capacity: what `AsyncReadExt::append` does, one
@@ -108,10 +106,7 @@ impl Stream {
 
     /// Write all of `buf`.
     #[allow(clippy::manual_async_fn)] // a block, not `async fn`: see `driver::serve`
-    pub(crate) fn write_all(
-        &self,
-        buf: Vec<u8>,
-    ) -> impl Future<Output = BufResult<(), Vec<u8>>> + '_ {
+    pub fn write_all(&self, buf: Vec<u8>) -> impl Future<Output = BufResult<(), Vec<u8>>> + '_ {
         async move {
             match self.tls.get() {
                 None => {
@@ -128,7 +123,7 @@ impl Stream {
 
     /// Write all of `frames`, in order (one vectored write on plain TCP).
     #[allow(clippy::manual_async_fn)] // a block, not `async fn`: see `driver::serve`
-    pub(crate) fn write_vectored_all(
+    pub fn write_vectored_all(
         &self,
         frames: Vec<Bytes>,
     ) -> impl Future<Output = BufResult<(), Vec<Bytes>>> + '_ {
@@ -149,7 +144,7 @@ impl Stream {
     }
 
     /// End our direction: TLS close_notify (best effort), then TCP FIN.
-    pub(crate) async fn shutdown(&self) -> io::Result<()> {
+    pub async fn shutdown(&self) -> io::Result<()> {
         if let Some(t) = self.tls.get() {
             let mut out = Vec::new();
             {
@@ -187,7 +182,7 @@ impl Tls {
     }
 
     /// The SNI name the client asked for (server side).
-    pub(crate) fn server_name(&self) -> Option<String> {
+    pub fn server_name(&self) -> Option<String> {
         match &*self.conn.borrow() {
             rustls::Connection::Server(s) => s.server_name().map(str::to_string),
             rustls::Connection::Client(_) => None,
@@ -268,7 +263,7 @@ impl Tls {
 ///
 /// # Errors
 /// The peer went away, or a TLS error (its alert was sent).
-pub(crate) async fn accept_tls(
+pub async fn accept_tls(
     tcp: &TcpStream,
     config: &Arc<rustls::ServerConfig>,
 ) -> io::Result<Box<Tls>> {
@@ -279,7 +274,7 @@ pub(crate) async fn accept_tls(
 ///
 /// # Errors
 /// As [`accept_tls`]; a certificate the client does not accept is `InvalidData`.
-pub(crate) async fn connect_tls(tcp: &TcpStream, t: &tls::ClientTls) -> io::Result<Box<Tls>> {
+pub async fn connect_tls(tcp: &TcpStream, t: &tls::ClientTls) -> io::Result<Box<Tls>> {
     handshake(tcp, tls::client_conn(t)?).await
 }
 
