@@ -852,4 +852,74 @@ mod tests {
         let id = PeerIdentity::from_der(&c.peer_certificates().unwrap()[0]).unwrap();
         assert_eq!(id.common_name.as_deref(), Some("renewed"));
     }
+
+    /// Give the client what the server sent after the handshake (TLS 1.3 session tickets).
+    fn deliver_tickets(c: &mut rustls::Connection, s: &mut rustls::Connection) {
+        let mut wire = Vec::new();
+        take_output(s, &mut wire).unwrap();
+        let mut plain = BytesMut::new();
+        decrypt(c, &wire, &mut plain).unwrap();
+    }
+
+    #[test]
+    fn sessions_resume_also_across_a_reload() {
+        let pki = Pki::new("resume");
+        let srv = server(&pki, ClientAuth::None, vec![]);
+        let cli = ClientTls::new("localhost", Some(pki.ca()), None, false).unwrap();
+        let (mut c, mut s) = (
+            client_conn(&cli).unwrap(),
+            server_conn(&srv.config).unwrap(),
+        );
+        handshake(&mut c, &mut s).unwrap();
+        assert_eq!(c.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        deliver_tickets(&mut c, &mut s);
+        // A new certificate is loaded; the ticket issued before still resumes.
+        pki.leaf("default", "renewed", &["localhost"]);
+        let reloaded = srv.reload().unwrap();
+        let (mut c, mut s) = (client_conn(&cli).unwrap(), server_conn(&reloaded).unwrap());
+        handshake(&mut c, &mut s).unwrap();
+        assert_eq!(c.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
+        // Without resumption on the client, every handshake is full.
+        let full = cli.clone().without_resumption();
+        for _ in 0..2 {
+            let (mut c, mut s) = (client_conn(&full).unwrap(), server_conn(&reloaded).unwrap());
+            handshake(&mut c, &mut s).unwrap();
+            deliver_tickets(&mut c, &mut s);
+            assert_eq!(c.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        }
+    }
+
+    #[test]
+    fn min_version_1_3_refuses_a_tls_1_2_client() {
+        let pki = Pki::new("version");
+        let leaf = pki.leaf("default", "default", &["localhost"]);
+        let srv = ServerTls::new(leaf, vec![], ClientAuth::None, None, MinVersion::Tls13).unwrap();
+        let cli = ClientTls::new("localhost", Some(pki.ca()), None, false).unwrap();
+        let roots = {
+            let mut r = RootCertStore::empty();
+            for c in load_certs(&pki.ca()).unwrap() {
+                r.add(c).unwrap();
+            }
+            r
+        };
+        let cfg12 = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut c = rustls::Connection::Client(
+            rustls::ClientConnection::new(Arc::new(cfg12), name).unwrap(),
+        );
+        let mut s = server_conn(&srv.config).unwrap();
+        let err = handshake(&mut c, &mut s).unwrap_err();
+        assert!(err.to_string().contains("incompatible"), "{err}");
+        // A default client negotiates TLS 1.3 with it.
+        let (mut c, mut s) = (
+            client_conn(&cli).unwrap(),
+            server_conn(&srv.config).unwrap(),
+        );
+        handshake(&mut c, &mut s).unwrap();
+        assert_eq!(c.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+    }
 }
