@@ -221,6 +221,14 @@ impl Backoff {
         let ms = (self.initial.as_millis() as f64 * exp).min(self.max.as_millis() as f64);
         Duration::from_millis(ms as u64)
     }
+
+    /// The delay before retry number `failures` (≥ 1) with full jitter: uniform in
+    /// `0..=cap(failures)` at millisecond resolution, drawn from `random` (any `u64`; the
+    /// caller owns the generator, so this stays deterministic and testable).
+    pub fn delay(&self, failures: u32, random: u64) -> Duration {
+        let cap = self.cap(failures).as_millis() as u64;
+        Duration::from_millis(random % (cap + 1))
+    }
 }
 
 /// `[runtime]`, validated.
