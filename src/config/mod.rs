@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use crate::fanout::{LagPolicy, QueueLimits};
 use crate::proto::Limits;
+use crate::schema::{Column, ExtraFields, Schema};
 use crate::tls::{CertFiles, ClientAuth, MinVersion, ServerTls, SniCert};
 use crate::upstream::{TlsOptions, WsUrl};
 
@@ -131,7 +132,7 @@ pub struct SinkConfig {
 }
 
 /// What an ingest route does with its messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IngestRoute {
     /// Index into [`Config::sinks`].
     pub sink: usize,
@@ -141,6 +142,8 @@ pub struct IngestRoute {
     pub close_on_error: bool,
     /// Sink for invalid messages (index into [`Config::sinks`]).
     pub dead_letter: Option<usize>,
+    /// Declared columns every message must match (`json` routes only).
+    pub schema: Option<Schema>,
 }
 
 /// What a source accepts from its upstream.
@@ -1005,6 +1008,8 @@ fn ingest_route(
             ("format", r.format.is_some()),
             ("on_error", r.on_error.is_some()),
             ("dead_letter", r.dead_letter.is_some()),
+            ("schema", r.schema.is_some()),
+            ("schema_extra_fields", r.schema_extra_fields.is_some()),
         ];
         return match set.iter().find(|(_, s)| *s) {
             Some((key, _)) => Err(ConfigError::new(
@@ -1056,7 +1061,63 @@ fn ingest_route(
         json,
         close_on_error,
         dead_letter,
+        schema: schema(r, json, rp)?,
     }))
+}
+
+/// An ingest route's `schema` and `schema_extra_fields`.
+fn schema(
+    r: &raw::RawRoute,
+    json: bool,
+    rp: &dyn Fn(&str) -> String,
+) -> Result<Option<Schema>, ConfigError> {
+    let Some(cols) = &r.schema else {
+        return match r.schema_extra_fields {
+            Some(_) => Err(ConfigError::new(
+                rp("schema_extra_fields"),
+                "needs a schema",
+            )),
+            None => Ok(None),
+        };
+    };
+    if !json {
+        return Err(ConfigError::new(
+            rp("schema"),
+            "a schema needs format = \"json\"",
+        ));
+    }
+    if cols.is_empty() {
+        return Err(ConfigError::new(rp("schema"), "at least one column"));
+    }
+    let mut columns: Vec<Column> = Vec::with_capacity(cols.len());
+    for (k, c) in cols.iter().enumerate() {
+        let cp = |key: &str| rp(&format!("schema[{k}].{key}"));
+        if c.name.is_empty() {
+            return Err(ConfigError::new(cp("name"), "a column needs a name"));
+        }
+        if columns.iter().any(|x| x.name == c.name) {
+            return Err(ConfigError::new(
+                cp("name"),
+                format!("duplicate column `{}`", c.name),
+            ));
+        }
+        columns.push(Column {
+            name: c.name.clone(),
+            ty: c.ty.parse().map_err(|e| ConfigError::new(cp("type"), e))?,
+            nullable: c.nullable,
+        });
+    }
+    let extra = match r.schema_extra_fields.as_deref().unwrap_or("allow") {
+        "allow" => ExtraFields::Allow,
+        "refuse" => ExtraFields::Refuse,
+        other => {
+            return Err(ConfigError::new(
+                rp("schema_extra_fields"),
+                format!("unknown `{other}` (expected allow or refuse)"),
+            ));
+        }
+    };
+    Ok(Some(Schema { columns, extra }))
 }
 
 fn validate_sink(i: usize, r: &raw::RawSink) -> Result<SinkConfig, ConfigError> {
@@ -1456,6 +1517,8 @@ mod tests {
                 format: Some("json".into()),
                 on_error: Some("continue".into()),
                 dead_letter: Some(String::new()),
+                schema: Some(vec![raw::RawColumn::default()]),
+                schema_extra_fields: Some("allow".into()),
                 client_cert_names: vec![],
                 tls_ca: String::new(),
                 tls_cert: String::new(),
@@ -1649,6 +1712,69 @@ mod tests {
             assert_eq!(e.path, format!("listener[0].route[0].{path}"), "{extra}");
             assert!(e.message.contains(words), "{extra}: {e}");
         }
+    }
+
+    #[test]
+    fn ingest_schemas_are_checked() {
+        let route = |extra: &str| {
+            Config::parse(&format!(
+                "[[sink]]\nname='s'\npath='/tmp/x'\n[[listener]]\nbind='127.0.0.1:1'\n\
+                 [[listener.route]]\npath='/in'\nkind='ingest'\nsink='s'\n{extra}\n"
+            ))
+        };
+        let ok = route(
+            "schema=[{name='id',type='integer'},{name='at',type='timestamp',nullable=true}]\n\
+             schema_extra_fields='refuse'",
+        )
+        .unwrap();
+        let s = ok.listeners[0].routes[0]
+            .ingest
+            .as_ref()
+            .unwrap()
+            .schema
+            .clone()
+            .unwrap();
+        assert_eq!(s.extra, ExtraFields::Refuse);
+        assert_eq!(
+            (s.columns[0].nullable, s.columns[1].nullable),
+            (false, true),
+            "required unless nullable"
+        );
+        for (extra, key, words) in [
+            (
+                "schema=[{name='id',type='integer'},{name='x',type='int'}]",
+                "schema[1].type",
+                "unknown column type `int`",
+            ),
+            (
+                "schema=[{name='id',type='integer'},{name='id',type='string'}]",
+                "schema[1].name",
+                "duplicate",
+            ),
+            ("schema=[{name='',type='string'}]", "schema[0].name", "name"),
+            ("schema=[]", "schema", "at least one"),
+            (
+                "format='text'\nschema=[{name='a',type='string'}]",
+                "schema",
+                "json",
+            ),
+            (
+                "schema_extra_fields='refuse'",
+                "schema_extra_fields",
+                "needs",
+            ),
+            (
+                "schema=[{name='a',type='string'}]\nschema_extra_fields='maybe'",
+                "schema_extra_fields",
+                "allow or refuse",
+            ),
+        ] {
+            let e = route(extra).unwrap_err();
+            assert_eq!(e.path, format!("listener[0].route[0].{key}"), "{extra}");
+            assert!(e.message.contains(words), "{extra}: {e}");
+        }
+        let e = route("schema=[{name='a',type='string',required=true}]").unwrap_err();
+        assert!(e.path.starts_with("listener[0].route[0].schema"), "{e}");
     }
 
     #[test]

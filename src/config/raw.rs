@@ -210,6 +210,12 @@ pub struct RawRoute {
     /// Sink for invalid messages ("" = none; ingest routes only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<String>,
+    /// Declared columns every message must match (ingest routes with format json only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<Vec<RawColumn>>,
+    /// `allow` or `refuse` object keys that are not columns (ingest routes with a schema).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_extra_fields: Option<String>,
     /// Subscriber queue cap in bytes (subscribe and pubsub routes only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_queue_bytes: Option<usize>,
@@ -228,6 +234,20 @@ pub struct RawRoute {
     /// Headers added to the upstream upgrade request (proxy routes only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// One `schema` entry of an ingest route: `{ name = "id", type = "integer", nullable = false }`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawColumn {
+    /// The object key.
+    pub name: String,
+    /// `string`, `integer`, `number`, `boolean`, `object`, `array` or `timestamp`.
+    #[serde(rename = "type")]
+    pub ty: String,
+    /// May the key be missing or null (default `false`: required).
+    #[serde(default)]
+    pub nullable: bool,
 }
 
 /// `[admin]`.

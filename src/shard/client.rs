@@ -259,8 +259,14 @@ mod tests {
                 .collect();
             assert!(draws.iter().all(|d| *d <= cap), "{failures}: above the cap");
             let (lo, hi) = (draws.iter().min().unwrap(), draws.iter().max().unwrap());
-            assert!(*lo <= cap / 10, "{failures}: lowest draw {lo:?} of cap {cap:?}");
-            assert!(*hi >= cap * 9 / 10, "{failures}: highest draw {hi:?} of cap {cap:?}");
+            assert!(
+                *lo <= cap / 10,
+                "{failures}: lowest draw {lo:?} of cap {cap:?}"
+            );
+            assert!(
+                *hi >= cap * 9 / 10,
+                "{failures}: highest draw {hi:?} of cap {cap:?}"
+            );
         }
         // Extremes: a zero random value is no wait; u64::MAX stays within the cap.
         assert_eq!(b.delay(1, 0), Duration::ZERO);

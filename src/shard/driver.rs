@@ -95,9 +95,9 @@ pub(crate) fn serve(
                 // block would take its size in the task state of every connection.
                 boxed_relay(ctx, shared, &stream, rest, up).await
             }
-            Target::Ingest(ing) => {
+            Target::Ingest => {
                 let r = &shared.cfg.routes[route];
-                boxed_ingest(ctx, shared, &stream, rest, r, ing).await
+                boxed_ingest(ctx, shared, &stream, rest, r).await
             }
             Target::Topic(topic) => {
                 let fan = topic.map(|t| Fan::new(ctx, listener_idx, route, t));
@@ -153,9 +153,12 @@ fn boxed_ingest<'a>(
     stream: &'a Stream,
     rest: BytesMut,
     route: &'a Route,
-    ing: crate::config::IngestRoute,
 ) -> LocalBoxFuture<'a, u16> {
-    Box::pin(super::ingest::serve(ctx, shared, stream, rest, route, ing))
+    Box::pin(async move {
+        // Invariant: `Target::Ingest` is only chosen for routes with ingest settings.
+        let ing = route.ingest.as_ref().expect("ingest route");
+        super::ingest::serve(ctx, shared, stream, rest, route, ing).await
+    })
 }
 
 /// The proxy relay future, on the heap (see its call site).
@@ -338,7 +341,7 @@ enum Target {
     /// Relayed to a connected upstream (proxy routes).
     Upstream(super::client::Upstream),
     /// Validated and handed to a sink (ingest routes).
-    Ingest(crate::config::IngestRoute),
+    Ingest,
 }
 
 /// Phase 1. On success the connection holds a `max_connections` slot; returned are the index
@@ -519,7 +522,7 @@ async fn handshake(ctx: &ShardCtx, listener_idx: usize, stream: &Stream) -> Opti
         }
     };
     let mut target = match route.ingest {
-        Some(ing) => Target::Ingest(ing),
+        Some(_) => Target::Ingest,
         None => Target::Topic((route.kind != RouteKind::Echo).then(|| Arc::from(topic))),
     };
     let mut protocol = route.select_subprotocol(&req.protocols).map(str::to_string);

@@ -8,6 +8,7 @@
 //! `wsedge_ingest_backpressure_waits_total`). Keepalive and drain come from the shard signal
 //! as for every connection.
 
+use std::borrow::Cow;
 use std::pin::pin;
 
 use bytes::{Bytes, BytesMut};
@@ -24,13 +25,15 @@ use crate::config::{IngestRoute, Route};
 use crate::proto::{CloseCode, Conn, Event, MessageKind, Role, State};
 
 /// Why a message is invalid for the route, or `None` if it is valid.
-fn invalid(json: bool, kind: MessageKind, data: &[u8]) -> Option<&'static str> {
-    if json {
+fn invalid(ing: &IngestRoute, kind: MessageKind, data: &[u8]) -> Option<Cow<'static, str>> {
+    if let Some(schema) = &ing.schema {
+        schema.check(data).err().map(Cow::Owned)
+    } else if ing.json {
         serde_json::from_slice::<serde::de::IgnoredAny>(data)
             .err()
-            .map(|_| "not a JSON value")
+            .map(|_| Cow::Borrowed("not a JSON value"))
     } else {
-        (kind != MessageKind::Text).then_some("not a text message")
+        (kind != MessageKind::Text).then_some(Cow::Borrowed("not a text message"))
     }
 }
 
@@ -55,7 +58,7 @@ pub(crate) async fn serve(
     stream: &Stream,
     rest: BytesMut,
     route: &Route,
-    ing: IngestRoute,
+    ing: &IngestRoute,
 ) -> u16 {
     let cfg = &shared.cfg;
     let mut conn = Conn::new(Role::Server, cfg.limits.clone());
@@ -97,7 +100,7 @@ pub(crate) async fn serve(
                         if refused {
                             continue;
                         }
-                        match invalid(ing.json, kind, &data) {
+                        match invalid(ing, kind, &data) {
                             None => good.push(data),
                             Some(reason) => {
                                 ctx.metrics.on_ingest_invalid();
@@ -112,7 +115,7 @@ pub(crate) async fn serve(
                                 if ing.close_on_error {
                                     refused = true;
                                     code.get_or_insert(CloseCode::INVALID_PAYLOAD.0);
-                                    let _ = conn.close(CloseCode::INVALID_PAYLOAD, reason);
+                                    let _ = conn.close(CloseCode::INVALID_PAYLOAD, &reason);
                                 }
                             }
                         }
