@@ -326,7 +326,61 @@ fn schema_rows_pass_or_reach_the_dead_letter_sink(io: IoMode) {
     assert_eq!(dead, want);
 }
 
+/// `metadata`: each accepted message is wrapped with the connection's facts (Tremor's
+/// `$ws_server`), JSON as is and text as a string; the dead-letter line carries them too.
+fn metadata_wraps_each_message(io: IoMode) {
+    let d = Dir::new(&format!("md-{io:?}"));
+    let (main, text, dlq) = (d.file("m"), d.file("t"), d.file("d"));
+    let srv = server(
+        io,
+        "[[listener.route]]\npath = \"/m\"\nkind = \"ingest\"\nsink = \"main\"\n\
+         dead_letter = \"dlq\"\nmetadata = [\"peer\", \"tls\", \"path\", \"header:X-Device-Id\", \"header:x-absent\"]\n\
+         [[listener.route]]\npath = \"/t\"\nkind = \"ingest\"\nsink = \"text\"\nformat = \"text\"\n\
+         metadata = [\"tls\"]\n",
+        &format!(
+            "[[sink]]\nname = \"main\"\npath = \"{}\"\n[[sink]]\nname = \"text\"\npath = \"{}\"\n\
+             [[sink]]\nname = \"dlq\"\npath = \"{}\"\n",
+            main.display(),
+            text.display(),
+            dlq.display()
+        ),
+    );
+    let mut c = Client::connect_with_headers(srv.addr, "/m?v=1", &[("X-Device-Id", "abc")]);
+    let peer = c.stream.local_addr().unwrap().to_string();
+    c.send_text("{\"n\":1}");
+    c.send_text("{\n  \"n\": 2\n}");
+    c.send_text("broken");
+    let mut t = Client::connect(srv.addr, "/t");
+    t.send_text("two\nlines");
+    srv.wait_for("accepted", |t| {
+        t.ingest_accepted == 3 && t.ingest_invalid == 1
+    });
+    drop((c, t));
+    srv.shutdown();
+    let meta = format!(
+        "{{\"peer\":\"{peer}\",\"tls\":false,\"path\":\"/m?v=1\",\"x-device-id\":\"abc\",\"x-absent\":null}}"
+    );
+    let got = lines(&main);
+    assert_eq!(
+        got[0],
+        format!("{{\"meta\":{meta},\"message\":{{\"n\":1}}}}")
+    );
+    // A pretty-printed message is put on one line (the sink re-serializes it).
+    let v: serde_json::Value = serde_json::from_str(&got[1]).unwrap();
+    assert_eq!(v["message"]["n"], 2);
+    assert_eq!(v["meta"]["x-device-id"], "abc");
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        lines(&text),
+        ["{\"meta\":{\"tls\":false},\"message\":\"two\\nlines\"}"]
+    );
+    let dead: serde_json::Value = serde_json::from_str(&lines(&dlq)[0]).unwrap();
+    assert_eq!(dead["meta"]["peer"], peer.as_str());
+    assert_eq!(dead["message"], "broken");
+}
+
 both_backends!(
+    metadata_wraps_each_message,
     schema_rows_pass_or_reach_the_dead_letter_sink,
     a_stuck_sink_backpressures_its_clients,
     ndjson_with_dead_letter_and_flush_at_shutdown,

@@ -144,6 +144,37 @@ pub struct IngestRoute {
     pub dead_letter: Option<usize>,
     /// Declared columns every message must match (`json` routes only).
     pub schema: Option<Schema>,
+    /// Connection facts wrapped around every accepted message (empty = messages as sent).
+    pub metadata: Vec<MetaField>,
+}
+
+/// One connection fact an ingest route adds to its messages (`metadata = [...]`), Tremor's
+/// `$ws_server` metadata. The output key is [`MetaField::key`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaField {
+    /// `"peer": "IP:PORT"` of the client.
+    Peer,
+    /// `"tls": true|false`.
+    Tls,
+    /// `"path": "/in?x=1"`, the request target as sent.
+    Path,
+    /// `"client_cert": "name"` of a verified client certificate, or `null`.
+    ClientCert,
+    /// `"<name>": "value"` of a request header (lowercase name), or `null` if absent.
+    Header(String),
+}
+
+impl MetaField {
+    /// The key in the `meta` object.
+    pub fn key(&self) -> &str {
+        match self {
+            Self::Peer => "peer",
+            Self::Tls => "tls",
+            Self::Path => "path",
+            Self::ClientCert => "client_cert",
+            Self::Header(h) => h,
+        }
+    }
 }
 
 /// What a source accepts from its upstream.
@@ -1010,6 +1041,7 @@ fn ingest_route(
             ("dead_letter", r.dead_letter.is_some()),
             ("schema", r.schema.is_some()),
             ("schema_extra_fields", r.schema_extra_fields.is_some()),
+            ("metadata", r.metadata.is_some()),
         ];
         return match set.iter().find(|(_, s)| *s) {
             Some((key, _)) => Err(ConfigError::new(
@@ -1062,7 +1094,48 @@ fn ingest_route(
         close_on_error,
         dead_letter,
         schema: schema(r, json, rp)?,
+        metadata: metadata(r.metadata.as_deref().unwrap_or_default(), rp)?,
     }))
+}
+
+/// An ingest route's `metadata` list.
+fn metadata(items: &[String], rp: &dyn Fn(&str) -> String) -> Result<Vec<MetaField>, ConfigError> {
+    let mut out: Vec<MetaField> = Vec::with_capacity(items.len());
+    for (k, item) in items.iter().enumerate() {
+        let path = rp(&format!("metadata[{k}]"));
+        let f = match item.as_str() {
+            "peer" => MetaField::Peer,
+            "tls" => MetaField::Tls,
+            "path" => MetaField::Path,
+            "client_cert" => MetaField::ClientCert,
+            other => match other.strip_prefix("header:") {
+                Some(h) if is_token(h) => MetaField::Header(h.to_ascii_lowercase()),
+                Some(h) => {
+                    return Err(ConfigError::new(
+                        path,
+                        format!("`{h}` is not a valid header name"),
+                    ));
+                }
+                None => {
+                    return Err(ConfigError::new(
+                        path,
+                        format!(
+                            "unknown metadata `{other}` (expected peer, tls, path, client_cert \
+                             or header:<name>)"
+                        ),
+                    ));
+                }
+            },
+        };
+        if out.iter().any(|x| x.key() == f.key()) {
+            return Err(ConfigError::new(
+                path,
+                format!("the key `{}` is already in the metadata", f.key()),
+            ));
+        }
+        out.push(f);
+    }
+    Ok(out)
 }
 
 /// An ingest route's `schema` and `schema_extra_fields`.
@@ -1519,6 +1592,7 @@ mod tests {
                 dead_letter: Some(String::new()),
                 schema: Some(vec![raw::RawColumn::default()]),
                 schema_extra_fields: Some("allow".into()),
+                metadata: Some(vec![]),
                 client_cert_names: vec![],
                 tls_ca: String::new(),
                 tls_cert: String::new(),
@@ -1768,6 +1842,26 @@ mod tests {
                 "schema_extra_fields",
                 "allow or refuse",
             ),
+        ] {
+            let e = route(extra).unwrap_err();
+            assert_eq!(e.path, format!("listener[0].route[0].{key}"), "{extra}");
+            assert!(e.message.contains(words), "{extra}: {e}");
+        }
+        let ok =
+            route("metadata=['peer','tls','path','client_cert','header:X-Device-Id']").unwrap();
+        let keys: Vec<&str> = ok.listeners[0].routes[0]
+            .ingest
+            .as_ref()
+            .unwrap()
+            .metadata
+            .iter()
+            .map(MetaField::key)
+            .collect();
+        assert_eq!(keys, ["peer", "tls", "path", "client_cert", "x-device-id"]);
+        for (extra, key, words) in [
+            ("metadata=['ip']", "metadata[0]", "unknown metadata `ip`"),
+            ("metadata=['header:a b']", "metadata[0]", "header name"),
+            ("metadata=['tls','header:TLS']", "metadata[1]", "already"),
         ] {
             let e = route(extra).unwrap_err();
             assert_eq!(e.path, format!("listener[0].route[0].{key}"), "{extra}");

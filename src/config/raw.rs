@@ -210,6 +210,10 @@ pub struct RawRoute {
     /// Sink for invalid messages ("" = none; ingest routes only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<String>,
+    /// Connection facts wrapped around every message: `peer`, `tls`, `path`, `client_cert`,
+    /// `header:<name>` (ingest routes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Vec<String>>,
     /// Declared columns every message must match (ingest routes with format json only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema: Option<Vec<RawColumn>>,

@@ -239,6 +239,16 @@ impl Client {
         Self::upgrade(stream, path, protocols)
     }
 
+    /// Connect and upgrade with extra request headers; panics on failure.
+    pub fn connect_with_headers(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Self {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Self::upgrade_with(stream, path, &[], headers)
+            .expect("upgrade succeeds")
+            .0
+    }
+
     /// After the close handshake: true if the server then closed the TCP connection.
     pub fn server_closed_tcp(&mut self) -> bool {
         let mut b = [0u8; 64];
@@ -250,13 +260,23 @@ impl Client {
 impl<S: Read + Write> Client<S> {
     /// Upgrade an already connected stream (read timeout set by the caller).
     pub fn upgrade(
-        mut stream: S,
+        stream: S,
         path: &str,
         protocols: &[&str],
     ) -> Result<(Self, Option<String>), Refused> {
+        Self::upgrade_with(stream, path, protocols, &[])
+    }
+
+    /// [`Client::upgrade`] with extra request headers.
+    pub fn upgrade_with(
+        mut stream: S,
+        path: &str,
+        protocols: &[&str],
+        headers: &[(&str, &str)],
+    ) -> Result<(Self, Option<String>), Refused> {
         let key = generate_key(rand_bytes());
         let mut req = Vec::new();
-        write_client_request("127.0.0.1", path, &key, protocols, &[], &mut req);
+        write_client_request("127.0.0.1", path, &key, protocols, headers, &mut req);
         stream
             .write_all(&req)
             .map_err(|e| Refused::Io(e.to_string()))?;
