@@ -109,18 +109,16 @@ pub enum Compression {
 }
 
 /// One `[[sink]]`, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SinkConfig {
     /// Name.
     pub name: String,
-    /// File path.
-    pub path: std::path::PathBuf,
+    /// Where batches go.
+    pub kind: SinkKind,
     /// Batch framing.
     pub framing: Framing,
     /// Batch compression.
     pub compression: Compression,
-    /// Rotate before the file would exceed this (`None` = never).
-    pub rotate_bytes: Option<u64>,
     /// Batch caps.
     pub max_batch_messages: usize,
     /// Batch byte cap (payload bytes).
@@ -129,6 +127,62 @@ pub struct SinkConfig {
     pub max_batch_delay: Duration,
     /// Queue length between shards and sink.
     pub buffer_chunks: usize,
+    /// Some ingest route delivers to it (as its sink or dead letter). A sink no route uses is
+    /// not started (it could receive nothing), so an example block costs nothing.
+    pub used: bool,
+}
+
+/// Where a sink's batches go.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SinkKind {
+    /// Appended to a file.
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Rotate before the file would exceed this (`None` = never).
+        rotate_bytes: Option<u64>,
+    },
+    /// Sent to an upstream WebSocket, one message per batch.
+    WebSocket(Box<WsSinkConfig>),
+}
+
+/// A `kind = "websocket"` sink: the upstream, and how delivery is confirmed and retried.
+#[derive(Clone, PartialEq)]
+pub struct WsSinkConfig {
+    /// Upstream URL, resolved when the configuration was loaded.
+    pub url: WsUrl,
+    /// Headers added to the upgrade request (values may be secrets: never logged).
+    pub headers: Vec<(String, String)>,
+    /// Subprotocol asked for.
+    pub subprotocol: Option<String>,
+    /// TCP connect + handshake deadline.
+    pub connect_timeout: Duration,
+    /// Written batches are confirmed by the pong to a ping sent after them; no pong within
+    /// this and the connection is dropped (the batches are re-sent on the next one).
+    pub ack_timeout: Duration,
+    /// At shutdown, time allowed to deliver and confirm what is pending.
+    pub flush_timeout: Duration,
+    /// Unconfirmed batches held (sent or not) before the sink stops taking chunks.
+    pub max_pending_batches: usize,
+    /// Bytes of those batches (after compression) before the sink stops taking chunks.
+    pub max_pending_bytes: usize,
+    /// Reconnect backoff.
+    pub backoff: Backoff,
+}
+
+impl fmt::Debug for WsSinkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("WsSinkConfig")
+            .field("url", &self.url)
+            .field("headers", &names)
+            .field("subprotocol", &self.subprotocol)
+            .field("ack_timeout", &self.ack_timeout)
+            .field("max_pending_batches", &self.max_pending_batches)
+            .field("max_pending_bytes", &self.max_pending_bytes)
+            .field("backoff", &self.backoff)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What an ingest route does with its messages.
@@ -587,6 +641,16 @@ impl Config {
             }
             listeners.push(listener);
         }
+        for ing in listeners
+            .iter()
+            .flat_map(|l| &l.routes)
+            .filter_map(|r| r.ingest.as_ref())
+        {
+            sinks[ing.sink].used = true;
+            if let Some(dl) = ing.dead_letter {
+                sinks[dl].used = true;
+            }
+        }
         let admin = if raw.admin.enabled {
             let bind = parse_addr(&raw.admin.bind, "admin.bind")?;
             if bind.port() != 0 && binds.contains(&bind) {
@@ -653,16 +717,7 @@ fn validate_source(i: usize, r: &raw::RawSource) -> Result<SourceConfig, ConfigE
             ));
         }
     };
-    let subprotocol = match r.subprotocol.as_str() {
-        "" => None,
-        t if is_token(t) => Some(t.to_string()),
-        t => {
-            return Err(ConfigError::new(
-                p("subprotocol"),
-                format!("`{t}` is not a valid subprotocol token"),
-            ));
-        }
-    };
+    let subprotocol = subprotocol(&r.subprotocol, &p)?;
     let heartbeat = if r.heartbeat_message.is_empty() {
         if !r.heartbeat_expect.is_empty() {
             return Err(ConfigError::new(
@@ -678,34 +733,13 @@ fn validate_source(i: usize, r: &raw::RawSource) -> Result<SourceConfig, ConfigE
             (!r.heartbeat_expect.is_empty()).then(|| r.heartbeat_expect.clone()),
         ))
     };
-    if !(r.reconnect_multiplier >= 1.0 && r.reconnect_multiplier <= 100.0) {
-        return Err(ConfigError::new(
-            p("reconnect_multiplier"),
-            "must be in 1.0..=100.0",
-        ));
-    }
-    let max_attempts = match r.reconnect_max_attempts {
-        -1 => None,
-        n if n >= 1 && n <= i64::from(u32::MAX) => Some(n as u32),
-        _ => {
-            return Err(ConfigError::new(
-                p("reconnect_max_attempts"),
-                "must be -1 (forever) or at least 1",
-            ));
-        }
-    };
-    let backoff = Backoff {
-        initial: positive_ms(r.reconnect_initial_ms, &p("reconnect_initial_ms"))?,
-        max: positive_ms(r.reconnect_max_ms, &p("reconnect_max_ms"))?,
-        multiplier: r.reconnect_multiplier,
-        max_attempts,
-    };
-    if backoff.initial > backoff.max {
-        return Err(ConfigError::new(
-            p("reconnect_initial_ms"),
-            "must not exceed reconnect_max_ms",
-        ));
-    }
+    let backoff = backoff(
+        r.reconnect_initial_ms,
+        r.reconnect_max_ms,
+        r.reconnect_multiplier,
+        r.reconnect_max_attempts,
+        &p,
+    )?;
     Ok(SourceConfig {
         name,
         url,
@@ -720,6 +754,57 @@ fn validate_source(i: usize, r: &raw::RawSource) -> Result<SourceConfig, ConfigE
         heartbeat,
         backoff,
     })
+}
+
+/// A `subprotocol` key: `""` = none, else an RFC 7230 token.
+fn subprotocol(t: &str, p: &dyn Fn(&str) -> String) -> Result<Option<String>, ConfigError> {
+    match t {
+        "" => Ok(None),
+        t if is_token(t) => Ok(Some(t.to_string())),
+        t => Err(ConfigError::new(
+            p("subprotocol"),
+            format!("`{t}` is not a valid subprotocol token"),
+        )),
+    }
+}
+
+/// The `reconnect_*` keys (sources and WebSocket sinks).
+fn backoff(
+    initial_ms: u64,
+    max_ms: u64,
+    multiplier: f64,
+    max_attempts: i64,
+    p: &dyn Fn(&str) -> String,
+) -> Result<Backoff, ConfigError> {
+    if !(1.0..=100.0).contains(&multiplier) {
+        return Err(ConfigError::new(
+            p("reconnect_multiplier"),
+            "must be in 1.0..=100.0",
+        ));
+    }
+    let max_attempts = match max_attempts {
+        -1 => None,
+        n if n >= 1 && n <= i64::from(u32::MAX) => Some(n as u32),
+        _ => {
+            return Err(ConfigError::new(
+                p("reconnect_max_attempts"),
+                "must be -1 (forever) or at least 1",
+            ));
+        }
+    };
+    let backoff = Backoff {
+        initial: positive_ms(initial_ms, &p("reconnect_initial_ms"))?,
+        max: positive_ms(max_ms, &p("reconnect_max_ms"))?,
+        multiplier,
+        max_attempts,
+    };
+    if backoff.initial > backoff.max {
+        return Err(ConfigError::new(
+            p("reconnect_initial_ms"),
+            "must not exceed reconnect_max_ms",
+        ));
+    }
+    Ok(backoff)
 }
 
 fn validate_listener(
@@ -1198,15 +1283,113 @@ fn validate_sink(i: usize, r: &raw::RawSink) -> Result<SinkConfig, ConfigError> 
     if r.name.is_empty() {
         return Err(ConfigError::new(p("name"), "a sink needs a name"));
     }
-    if r.kind != "file" {
-        return Err(ConfigError::new(
-            p("kind"),
-            format!("unknown sink kind `{}` (expected file)", r.kind),
-        ));
-    }
-    if r.path.is_empty() {
-        return Err(ConfigError::new(p("path"), "a file sink needs a path"));
-    }
+    let d = raw::RawSink::default();
+    // Keys of the other kind are refused unless left at their default.
+    let file_keys = [
+        ("path", r.path != d.path),
+        ("rotate_bytes", r.rotate_bytes != d.rotate_bytes),
+    ];
+    let ws_keys = [
+        ("url", r.url != d.url),
+        ("headers", r.headers != d.headers),
+        ("subprotocol", r.subprotocol != d.subprotocol),
+        (
+            "connect_timeout_ms",
+            r.connect_timeout_ms != d.connect_timeout_ms,
+        ),
+        ("ack_timeout_ms", r.ack_timeout_ms != d.ack_timeout_ms),
+        ("flush_timeout_ms", r.flush_timeout_ms != d.flush_timeout_ms),
+        (
+            "max_pending_batches",
+            r.max_pending_batches != d.max_pending_batches,
+        ),
+        (
+            "max_pending_bytes",
+            r.max_pending_bytes != d.max_pending_bytes,
+        ),
+        (
+            "reconnect_initial_ms",
+            r.reconnect_initial_ms != d.reconnect_initial_ms,
+        ),
+        ("reconnect_max_ms", r.reconnect_max_ms != d.reconnect_max_ms),
+        (
+            "reconnect_multiplier",
+            r.reconnect_multiplier != d.reconnect_multiplier,
+        ),
+        (
+            "reconnect_max_attempts",
+            r.reconnect_max_attempts != d.reconnect_max_attempts,
+        ),
+        ("tls_ca", r.tls_ca != d.tls_ca),
+        ("tls_cert", r.tls_cert != d.tls_cert),
+        ("tls_key", r.tls_key != d.tls_key),
+        ("tls_server_name", r.tls_server_name != d.tls_server_name),
+        (
+            "tls_insecure_skip_verify",
+            r.tls_insecure_skip_verify != d.tls_insecure_skip_verify,
+        ),
+    ];
+    let refuse = |keys: &[(&str, bool)], only: &str| match keys.iter().find(|(_, set)| *set) {
+        Some((key, _)) => Err(ConfigError::new(
+            p(key),
+            format!("only {only} sinks have `{key}`, not {} sinks", r.kind),
+        )),
+        None => Ok(()),
+    };
+    let kind = match r.kind.as_str() {
+        "file" => {
+            refuse(&ws_keys, "websocket")?;
+            if r.path.is_empty() {
+                return Err(ConfigError::new(p("path"), "a file sink needs a path"));
+            }
+            SinkKind::File {
+                path: r.path.clone().into(),
+                rotate_bytes: (r.rotate_bytes > 0).then_some(r.rotate_bytes),
+            }
+        }
+        "websocket" => {
+            refuse(&file_keys, "file")?;
+            let tls = upstream_tls(
+                [&r.tls_ca, &r.tls_cert, &r.tls_key, &r.tls_server_name],
+                r.tls_insecure_skip_verify,
+                &p,
+            )?;
+            let url = WsUrl::parse_with(&r.url, &tls).map_err(|e| ConfigError::new(p("url"), e))?;
+            SinkKind::WebSocket(Box::new(WsSinkConfig {
+                url,
+                headers: validate_headers(&r.headers, &p("headers"))?,
+                subprotocol: subprotocol(&r.subprotocol, &p)?,
+                connect_timeout: positive_ms(r.connect_timeout_ms, &p("connect_timeout_ms"))?,
+                ack_timeout: positive_ms(r.ack_timeout_ms, &p("ack_timeout_ms"))?,
+                flush_timeout: positive_ms(r.flush_timeout_ms, &p("flush_timeout_ms"))?,
+                max_pending_batches: bounded(
+                    r.max_pending_batches,
+                    1,
+                    1 << 20,
+                    &p("max_pending_batches"),
+                )?,
+                max_pending_bytes: bounded(
+                    r.max_pending_bytes,
+                    1,
+                    1 << 36,
+                    &p("max_pending_bytes"),
+                )?,
+                backoff: backoff(
+                    r.reconnect_initial_ms,
+                    r.reconnect_max_ms,
+                    r.reconnect_multiplier,
+                    r.reconnect_max_attempts,
+                    &p,
+                )?,
+            }))
+        }
+        other => {
+            return Err(ConfigError::new(
+                p("kind"),
+                format!("unknown sink kind `{other}` (expected file or websocket)"),
+            ));
+        }
+    };
     let framing = match r.framing.as_str() {
         "ndjson" => Framing::Ndjson,
         "json_array" => Framing::JsonArray,
@@ -1230,14 +1413,14 @@ fn validate_sink(i: usize, r: &raw::RawSink) -> Result<SinkConfig, ConfigError> 
     };
     Ok(SinkConfig {
         name: r.name.clone(),
-        path: r.path.clone().into(),
+        kind,
         framing,
         compression,
-        rotate_bytes: (r.rotate_bytes > 0).then_some(r.rotate_bytes),
         max_batch_messages: bounded(r.max_batch_messages, 1, 1 << 24, &p("max_batch_messages"))?,
         max_batch_bytes: bounded(r.max_batch_bytes, 1, 1 << 30, &p("max_batch_bytes"))?,
         max_batch_delay: positive_ms(r.max_batch_delay_ms, &p("max_batch_delay_ms"))?,
         buffer_chunks: bounded(r.buffer_chunks, 1, 1 << 20, &p("buffer_chunks"))?,
+        used: false,
     })
 }
 
@@ -1527,6 +1710,23 @@ mod tests {
             format!("{:?}", raw::RawSource::default())
         );
         assert!(c.sources.is_empty(), "the example source is disabled");
+        // The example WebSocket sink shows the defaults of every key but its identity, and
+        // no route uses it, so it is not started.
+        let ws = file.sink.iter().find(|s| s.kind == "websocket").unwrap();
+        assert_eq!(
+            format!(
+                "{:?}",
+                raw::RawSink {
+                    name: String::new(),
+                    kind: "file".into(),
+                    url: String::new(),
+                    ..ws.clone()
+                }
+            ),
+            format!("{:?}", raw::RawSink::default())
+        );
+        let used: Vec<(&str, bool)> = c.sinks.iter().map(|s| (s.name.as_str(), s.used)).collect();
+        assert_eq!(used, [("ingest", true), ("upstream-example", false)]);
     }
 
     /// Dotted key paths of a TOML document (array-of-tables flattened, indices dropped).
@@ -1869,6 +2069,108 @@ mod tests {
         }
         let e = route("schema=[{name='a',type='string',required=true}]").unwrap_err();
         assert!(e.path.starts_with("listener[0].route[0].schema"), "{e}");
+    }
+
+    #[test]
+    fn sinks_are_checked() {
+        let sinks = |extra: &str| {
+            Config::parse(&format!(
+                "[[listener]]\nbind='127.0.0.1:1'\n[[listener.route]]\npath='/in'\nkind='ingest'\n\
+                 sink='a'\ndead_letter='b'\n[[sink]]\nname='b'\npath='/tmp/b'\n[[sink]]\nname='a'\n{extra}\n\
+                 [[sink]]\nname='idle'\npath='/tmp/i'\n"
+            ))
+        };
+        let ok = sinks(
+            "kind='websocket'\nurl='ws://127.0.0.1:9/up'\nheaders={Authorization='Bearer t'}\n\
+             subprotocol='v1'\nmax_pending_batches=3\nreconnect_max_attempts=4\ncompression='zstd'",
+        )
+        .unwrap();
+        let used: Vec<bool> = ok.sinks.iter().map(|s| s.used).collect();
+        assert_eq!(
+            used,
+            [true, true, false],
+            "sink and dead letter used, idle not"
+        );
+        let SinkKind::WebSocket(ws) = &ok.sinks[1].kind else {
+            panic!("{:?}", ok.sinks[1]);
+        };
+        assert_eq!(ws.url.addr, "127.0.0.1:9".parse().unwrap());
+        assert_eq!(ws.subprotocol.as_deref(), Some("v1"));
+        assert_eq!(
+            (ws.max_pending_batches, ws.backoff.max_attempts),
+            (3, Some(4))
+        );
+        assert_eq!(ws.ack_timeout, Duration::from_secs(10));
+        let debug = format!("{:?}", ok.sinks[1]);
+        assert!(
+            debug.contains("Authorization") && !debug.contains("Bearer t"),
+            "header values are not shown: {debug}"
+        );
+        for (extra, key, words) in [
+            ("kind='kafka'", "kind", "file or websocket"),
+            ("kind='websocket'", "url", "not a ws:// or wss:// URL"),
+            ("kind='websocket'\nurl='http://x/'", "url", "ws://"),
+            (
+                "kind='websocket'\nurl='ws://127.0.0.1:9/'\npath='/tmp/x'",
+                "path",
+                "only file sinks",
+            ),
+            (
+                "kind='websocket'\nurl='ws://127.0.0.1:9/'\nrotate_bytes=10",
+                "rotate_bytes",
+                "only file sinks",
+            ),
+            (
+                "path='/tmp/a'\nurl='ws://127.0.0.1:9/'",
+                "url",
+                "only websocket",
+            ),
+            (
+                "path='/tmp/a'\nmax_pending_batches=2",
+                "max_pending_batches",
+                "only websocket",
+            ),
+            ("", "path", "needs a path"),
+            (
+                "kind='websocket'\nurl='ws://127.0.0.1:9/'\nmax_pending_batches=0",
+                "max_pending_batches",
+                "range",
+            ),
+            (
+                "kind='websocket'\nurl='ws://127.0.0.1:9/'\nack_timeout_ms=0",
+                "ack_timeout_ms",
+                "greater than 0",
+            ),
+            (
+                "kind='websocket'\nurl='ws://127.0.0.1:9/'\nreconnect_multiplier=0.5",
+                "reconnect_multiplier",
+                "1.0",
+            ),
+            (
+                "kind='websocket'\nurl='ws://127.0.0.1:9/'\ntls_ca='/ca.pem'",
+                "url",
+                "need a wss:// URL",
+            ),
+            (
+                "kind='websocket'\nurl='wss://127.0.0.1:9/'\ntls_key='/k.pem'",
+                "tls_cert",
+                "needs tls_cert",
+            ),
+            (
+                "kind='websocket'\nurl='ws://127.0.0.1:9/'\nheaders={Upgrade='x'}",
+                "headers",
+                "itself",
+            ),
+            (
+                "kind='websocket'\nurl='ws://127.0.0.1:9/'\nsubprotocol='a b'",
+                "subprotocol",
+                "token",
+            ),
+        ] {
+            let e = sinks(extra).unwrap_err();
+            assert_eq!(e.path, format!("sink[1].{key}"), "{extra}");
+            assert!(e.message.contains(words), "{extra}: {e}");
+        }
     }
 
     #[test]

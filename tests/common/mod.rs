@@ -85,11 +85,10 @@ impl TestServer {
         self.server.as_mut().unwrap().reload_tls()
     }
 
-    /// Drain and stop (blocks until the shards exit).
-    pub fn shutdown(mut self) {
-        if let Some(s) = self.server.take() {
-            s.shutdown();
-        }
+    /// Drain and stop (blocks until the shards and sinks exit); returns the sinks' final
+    /// counters.
+    pub fn shutdown(mut self) -> Vec<wsedge::metrics::SinkSnapshot> {
+        self.server.take().map(|s| s.shutdown()).unwrap_or_default()
     }
 
     /// Poll the counters until `pred` holds (bounded by [`READ_TIMEOUT`]); panics otherwise.
@@ -511,6 +510,21 @@ impl Peer {
                         return None;
                     }
                 }
+            }
+        }
+    }
+
+    /// One read's worth of events, pings answered only in the protocol core's queue: the
+    /// caller decides when (or whether) the pongs go out with [`Peer::flush`]. None when
+    /// the connection ended.
+    pub fn read_events(&mut self) -> Option<Vec<Event>> {
+        let mut chunk = [0u8; 16 * 1024];
+        match self.stream.read(&mut chunk) {
+            Ok(0) | Err(_) => None,
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                self.conn.handle_input(&mut self.buf).ok()?;
+                Some(std::iter::from_fn(|| self.conn.poll_event()).collect())
             }
         }
     }
