@@ -1,5 +1,7 @@
-//! Ingest routes: validate every message, hand valid ones to the route's sink, invalid ones
-//! (with the reason) to its dead-letter sink, and stop reading while a sink is full.
+//! Ingest routes: validate every message (JSON, text, or a declared schema), wrap valid ones
+//! with the connection's metadata if the route asks for it, hand them to the route's sink,
+//! invalid ones (with the reason) to its dead-letter sink, and stop reading while a sink is
+//! full.
 //!
 //! A simpler loop than the general driver: ingest traffic flows client → server, so the loop
 //! is sequential (read, validate, hand over, write what the protocol core queued: pongs,
