@@ -3,7 +3,8 @@
 //! one message per batch (text, gzip, zstd decoded back), confirmation by ping/pong, an
 //! outage in the middle of a stream that loses nothing (duplicates bounded by the
 //! redelivery counter), an upstream that never comes back (bounded pending, backpressure,
-//! counted drops at shutdown), a sink that gives up, and the flush at shutdown.
+//! counted drops at shutdown), an upstream that never answers pings, a sink that gives up,
+//! and the flush at shutdown.
 //!
 //! The test upstreams record every message of a read before they let the pongs of that read
 //! go out, so a confirmed batch is always a recorded one.
@@ -529,7 +530,65 @@ fn pending_batches_are_flushed_at_shutdown(io: IoMode) {
     assert_eq!(last.lines().count(), 5, "{last}");
 }
 
+/// An upstream that reads but never answers pings (a zombie endpoint): nothing is
+/// confirmed, the connection is dropped after ack_timeout_ms and the batches are re-sent on
+/// the next one, where they are confirmed.
+fn unanswered_pings_mean_a_dead_connection(io: IoMode) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut p = Peer::accept(&l);
+        let mut zombie_read = 0;
+        // Read (and count) everything, flush nothing: no pong ever leaves.
+        while let Some(events) = p.read_events() {
+            zombie_read += events
+                .iter()
+                .filter(|e| matches!(e, Event::Message { .. }))
+                .count();
+        }
+        assert!(zombie_read > 0, "the zombie was written to");
+        upstream(l, tx);
+    });
+    let srv = start_with(
+        io,
+        1,
+        &ingest_route("/in", "up", ""),
+        &ws_sink(
+            "up",
+            port,
+            "max_batch_messages = 5\nack_timeout_ms = 300\nreconnect_initial_ms = 10",
+        ),
+    );
+    let mut c = Client::connect(srv.addr, "/in");
+    for i in 0..20 {
+        c.send_text(&format!("{{\"i\":{i}}}"));
+    }
+    let s = wait_sink(&srv, "up", "confirmed on the second connection", |s| {
+        s["messages"] == 20
+    });
+    assert!(
+        s["last_error"].as_str().unwrap().contains("ack_timeout"),
+        "{s}"
+    );
+    // (≥: on a loaded machine a good connection could miss the timeout once too.)
+    assert!(n(&s, "connects") >= 2 && n(&s, "disconnects") >= 1, "{s}");
+    assert!(n(&s, "redeliveries") >= 1, "{s}");
+    let mut lines = Vec::new();
+    for g in rx.try_iter() {
+        if let Got::Msg(_, k, d) = g {
+            lines.extend(decode(k, &d, "none").lines().map(str::to_string));
+        }
+    }
+    let mut want: Vec<String> = (0..20).map(|i| format!("{{\"i\":{i}}}")).collect();
+    want.sort();
+    lines.sort();
+    lines.dedup();
+    assert_eq!(lines, want, "the answering connection got everything");
+}
+
 both_backends!(
+    unanswered_pings_mean_a_dead_connection,
     delivers_batches_with_headers_text_and_compressed,
     outage_mid_stream_loses_nothing,
     upstream_that_never_returns_backpressures_within_the_bound,
