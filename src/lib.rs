@@ -18,6 +18,7 @@
 //!   (proxy routes). Runtime-free.
 //! - [`ratelimit`]: token buckets for the accept rate and per-connection message limits.
 //!   Runtime-free.
+//! - [`schema`]: declared column schemas that ingest messages must match. Runtime-free.
 //! - [`admin`]: the admin HTTP listener (`/healthz`, `/metrics`, `/stats`).
 //! - [`fuzzing`]: byte-level entry points for the fuzz targets under `tests/fuzz`.
 #![deny(unsafe_code)]
@@ -30,6 +31,7 @@ pub mod fuzzing;
 pub mod metrics;
 pub mod proto;
 pub mod ratelimit;
+pub mod schema;
 pub mod shard;
 pub mod tls;
 pub mod upstream;

@@ -227,7 +227,161 @@ fn a_stuck_sink_backpressures_its_clients(io: IoMode) {
     srv.shutdown();
 }
 
+/// A declared schema: good rows reach the sink unchanged, and each kind of bad row reaches
+/// the dead-letter sink with its precise reason (and is counted).
+fn schema_rows_pass_or_reach_the_dead_letter_sink(io: IoMode) {
+    let d = Dir::new(&format!("sc-{io:?}"));
+    let (main, dlq) = (d.file("main.ndjson"), d.file("dlq.ndjson"));
+    let srv = server(
+        io,
+        "[[listener.route]]\npath = \"/typed\"\nkind = \"ingest\"\nsink = \"main\"\n\
+         dead_letter = \"dlq\"\nschema_extra_fields = \"refuse\"\nschema = [\n\
+         { name = \"id\", type = \"integer\" },\n\
+         { name = \"name\", type = \"string\", nullable = true },\n\
+         { name = \"price\", type = \"number\" },\n\
+         { name = \"ok\", type = \"boolean\", nullable = true },\n\
+         { name = \"tags\", type = \"array\", nullable = true },\n\
+         { name = \"attrs\", type = \"object\", nullable = true },\n\
+         { name = \"at\", type = \"timestamp\", nullable = true },\n]\n",
+        &format!(
+            "[[sink]]\nname = \"main\"\npath = \"{}\"\n[[sink]]\nname = \"dlq\"\npath = \"{}\"\n",
+            main.display(),
+            dlq.display()
+        ),
+    );
+    let good = [
+        r#"{"id":1,"price":2}"#,
+        r#"{"id":2,"price":2.5,"name":null,"ok":true,"tags":["a"],"attrs":{"k":1},"at":"2024-05-01T12:00:00.25+02:00"}"#,
+        r#"{"id":-3,"name":"x","price":0}"#,
+    ];
+    let bad = [
+        ("not json", "not a JSON value"),
+        ("[1,2]", "not a JSON object (got array)"),
+        (r#"{"price":1}"#, r#"column "id": missing"#),
+        (
+            r#"{"id":null,"price":1}"#,
+            r#"column "id": null in a non-nullable column"#,
+        ),
+        (
+            r#"{"id":"7","price":1}"#,
+            r#"column "id": expected integer, got string"#,
+        ),
+        (
+            r#"{"id":7.5,"price":1}"#,
+            r#"column "id": expected integer, got number"#,
+        ),
+        (
+            r#"{"id":7,"price":true}"#,
+            r#"column "price": expected number, got boolean"#,
+        ),
+        (
+            r#"{"id":7,"price":1,"ok":"yes"}"#,
+            r#"column "ok": expected boolean, got string"#,
+        ),
+        (
+            r#"{"id":7,"price":1,"tags":"a"}"#,
+            r#"column "tags": expected array, got string"#,
+        ),
+        (
+            r#"{"id":7,"price":1,"attrs":[]}"#,
+            r#"column "attrs": expected object, got array"#,
+        ),
+        (
+            r#"{"id":7,"price":1,"at":"2024-02-30T00:00:00Z"}"#,
+            r#"column "at": expected timestamp, got a string that is not RFC 3339"#,
+        ),
+        (
+            r#"{"id":7,"price":1,"colour":"red"}"#,
+            r#"field "colour" is not in the schema"#,
+        ),
+    ];
+    let mut c = Client::connect(srv.addr, "/typed");
+    for (i, g) in good.iter().enumerate() {
+        c.send_text(g);
+        c.send_text(bad[i].0);
+    }
+    for (b, _) in &bad[good.len()..] {
+        c.send_text(b);
+    }
+    srv.wait_for("all validated", |t| {
+        t.ingest_accepted == good.len() as u64 && t.ingest_invalid == bad.len() as u64
+    });
+    drop(c);
+    srv.shutdown();
+    assert_eq!(lines(&main), good, "good rows unchanged, in order");
+    let dead: Vec<(String, String)> = lines(&dlq)
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["message"].as_str().unwrap().to_string(),
+                v["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String)> = bad
+        .iter()
+        .map(|(m, r)| (m.to_string(), r.to_string()))
+        .collect();
+    assert_eq!(dead, want);
+}
+
+/// `metadata`: each accepted message is wrapped with the connection's facts (Tremor's
+/// `$ws_server`), JSON as is and text as a string; the dead-letter line carries them too.
+fn metadata_wraps_each_message(io: IoMode) {
+    let d = Dir::new(&format!("md-{io:?}"));
+    let (main, text, dlq) = (d.file("m"), d.file("t"), d.file("d"));
+    let srv = server(
+        io,
+        "[[listener.route]]\npath = \"/m\"\nkind = \"ingest\"\nsink = \"main\"\n\
+         dead_letter = \"dlq\"\nmetadata = [\"peer\", \"tls\", \"path\", \"header:X-Device-Id\", \"header:x-absent\"]\n\
+         [[listener.route]]\npath = \"/t\"\nkind = \"ingest\"\nsink = \"text\"\nformat = \"text\"\n\
+         metadata = [\"tls\"]\n",
+        &format!(
+            "[[sink]]\nname = \"main\"\npath = \"{}\"\n[[sink]]\nname = \"text\"\npath = \"{}\"\n\
+             [[sink]]\nname = \"dlq\"\npath = \"{}\"\n",
+            main.display(),
+            text.display(),
+            dlq.display()
+        ),
+    );
+    let mut c = Client::connect_with_headers(srv.addr, "/m?v=1", &[("X-Device-Id", "abc")]);
+    let peer = c.stream.local_addr().unwrap().to_string();
+    c.send_text("{\"n\":1}");
+    c.send_text("{\n  \"n\": 2\n}");
+    c.send_text("broken");
+    let mut t = Client::connect(srv.addr, "/t");
+    t.send_text("two\nlines");
+    srv.wait_for("accepted", |t| {
+        t.ingest_accepted == 3 && t.ingest_invalid == 1
+    });
+    drop((c, t));
+    srv.shutdown();
+    let meta = format!(
+        "{{\"peer\":\"{peer}\",\"tls\":false,\"path\":\"/m?v=1\",\"x-device-id\":\"abc\",\"x-absent\":null}}"
+    );
+    let got = lines(&main);
+    assert_eq!(
+        got[0],
+        format!("{{\"meta\":{meta},\"message\":{{\"n\":1}}}}")
+    );
+    // A pretty-printed message is put on one line (the sink re-serializes it).
+    let v: serde_json::Value = serde_json::from_str(&got[1]).unwrap();
+    assert_eq!(v["message"]["n"], 2);
+    assert_eq!(v["meta"]["x-device-id"], "abc");
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        lines(&text),
+        ["{\"meta\":{\"tls\":false},\"message\":\"two\\nlines\"}"]
+    );
+    let dead: serde_json::Value = serde_json::from_str(&lines(&dlq)[0]).unwrap();
+    assert_eq!(dead["meta"]["peer"], peer.as_str());
+    assert_eq!(dead["message"], "broken");
+}
+
 both_backends!(
+    metadata_wraps_each_message,
+    schema_rows_pass_or_reach_the_dead_letter_sink,
     a_stuck_sink_backpressures_its_clients,
     ndjson_with_dead_letter_and_flush_at_shutdown,
     compression_framing_and_rotation,

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use crate::fanout::{LagPolicy, QueueLimits};
 use crate::proto::Limits;
+use crate::schema::{Column, ExtraFields, Schema};
 use crate::tls::{CertFiles, ClientAuth, MinVersion, ServerTls, SniCert};
 use crate::upstream::{TlsOptions, WsUrl};
 
@@ -108,18 +109,16 @@ pub enum Compression {
 }
 
 /// One `[[sink]]`, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SinkConfig {
     /// Name.
     pub name: String,
-    /// File path.
-    pub path: std::path::PathBuf,
+    /// Where batches go.
+    pub kind: SinkKind,
     /// Batch framing.
     pub framing: Framing,
     /// Batch compression.
     pub compression: Compression,
-    /// Rotate before the file would exceed this (`None` = never).
-    pub rotate_bytes: Option<u64>,
     /// Batch caps.
     pub max_batch_messages: usize,
     /// Batch byte cap (payload bytes).
@@ -128,10 +127,66 @@ pub struct SinkConfig {
     pub max_batch_delay: Duration,
     /// Queue length between shards and sink.
     pub buffer_chunks: usize,
+    /// Some ingest route delivers to it (as its sink or dead letter). A sink no route uses is
+    /// not started (it could receive nothing), so an example block costs nothing.
+    pub used: bool,
+}
+
+/// Where a sink's batches go.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SinkKind {
+    /// Appended to a file.
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Rotate before the file would exceed this (`None` = never).
+        rotate_bytes: Option<u64>,
+    },
+    /// Sent to an upstream WebSocket, one message per batch.
+    WebSocket(Box<WsSinkConfig>),
+}
+
+/// A `kind = "websocket"` sink: the upstream, and how delivery is confirmed and retried.
+#[derive(Clone, PartialEq)]
+pub struct WsSinkConfig {
+    /// Upstream URL, resolved when the configuration was loaded.
+    pub url: WsUrl,
+    /// Headers added to the upgrade request (values may be secrets: never logged).
+    pub headers: Vec<(String, String)>,
+    /// Subprotocol asked for.
+    pub subprotocol: Option<String>,
+    /// TCP connect + handshake deadline.
+    pub connect_timeout: Duration,
+    /// Written batches are confirmed by the pong to a ping sent after them; no pong within
+    /// this and the connection is dropped (the batches are re-sent on the next one).
+    pub ack_timeout: Duration,
+    /// At shutdown, time allowed to deliver and confirm what is pending.
+    pub flush_timeout: Duration,
+    /// Unconfirmed batches held (sent or not) before the sink stops taking chunks.
+    pub max_pending_batches: usize,
+    /// Bytes of those batches (after compression) before the sink stops taking chunks.
+    pub max_pending_bytes: usize,
+    /// Reconnect backoff.
+    pub backoff: Backoff,
+}
+
+impl fmt::Debug for WsSinkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("WsSinkConfig")
+            .field("url", &self.url)
+            .field("headers", &names)
+            .field("subprotocol", &self.subprotocol)
+            .field("ack_timeout", &self.ack_timeout)
+            .field("max_pending_batches", &self.max_pending_batches)
+            .field("max_pending_bytes", &self.max_pending_bytes)
+            .field("backoff", &self.backoff)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What an ingest route does with its messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IngestRoute {
     /// Index into [`Config::sinks`].
     pub sink: usize,
@@ -141,6 +196,39 @@ pub struct IngestRoute {
     pub close_on_error: bool,
     /// Sink for invalid messages (index into [`Config::sinks`]).
     pub dead_letter: Option<usize>,
+    /// Declared columns every message must match (`json` routes only).
+    pub schema: Option<Schema>,
+    /// Connection facts wrapped around every accepted message (empty = messages as sent).
+    pub metadata: Vec<MetaField>,
+}
+
+/// One connection fact an ingest route adds to its messages (`metadata = [...]`), Tremor's
+/// `$ws_server` metadata. The output key is [`MetaField::key`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaField {
+    /// `"peer": "IP:PORT"` of the client.
+    Peer,
+    /// `"tls": true|false`.
+    Tls,
+    /// `"path": "/in?x=1"`, the request target as sent.
+    Path,
+    /// `"client_cert": "name"` of a verified client certificate, or `null`.
+    ClientCert,
+    /// `"<name>": "value"` of a request header (lowercase name), or `null` if absent.
+    Header(String),
+}
+
+impl MetaField {
+    /// The key in the `meta` object.
+    pub fn key(&self) -> &str {
+        match self {
+            Self::Peer => "peer",
+            Self::Tls => "tls",
+            Self::Path => "path",
+            Self::ClientCert => "client_cert",
+            Self::Header(h) => h,
+        }
+    }
 }
 
 /// What a source accepts from its upstream.
@@ -220,6 +308,14 @@ impl Backoff {
             .powi(failures.saturating_sub(1).min(64) as i32);
         let ms = (self.initial.as_millis() as f64 * exp).min(self.max.as_millis() as f64);
         Duration::from_millis(ms as u64)
+    }
+
+    /// The delay before retry number `failures` (≥ 1) with full jitter: uniform in
+    /// `0..=cap(failures)` at millisecond resolution, drawn from `random` (any `u64`; the
+    /// caller owns the generator, so this stays deterministic and testable).
+    pub fn delay(&self, failures: u32, random: u64) -> Duration {
+        let cap = self.cap(failures).as_millis() as u64;
+        Duration::from_millis(random % (cap + 1))
     }
 }
 
@@ -545,6 +641,16 @@ impl Config {
             }
             listeners.push(listener);
         }
+        for ing in listeners
+            .iter()
+            .flat_map(|l| &l.routes)
+            .filter_map(|r| r.ingest.as_ref())
+        {
+            sinks[ing.sink].used = true;
+            if let Some(dl) = ing.dead_letter {
+                sinks[dl].used = true;
+            }
+        }
         let admin = if raw.admin.enabled {
             let bind = parse_addr(&raw.admin.bind, "admin.bind")?;
             if bind.port() != 0 && binds.contains(&bind) {
@@ -611,16 +717,7 @@ fn validate_source(i: usize, r: &raw::RawSource) -> Result<SourceConfig, ConfigE
             ));
         }
     };
-    let subprotocol = match r.subprotocol.as_str() {
-        "" => None,
-        t if is_token(t) => Some(t.to_string()),
-        t => {
-            return Err(ConfigError::new(
-                p("subprotocol"),
-                format!("`{t}` is not a valid subprotocol token"),
-            ));
-        }
-    };
+    let subprotocol = subprotocol(&r.subprotocol, &p)?;
     let heartbeat = if r.heartbeat_message.is_empty() {
         if !r.heartbeat_expect.is_empty() {
             return Err(ConfigError::new(
@@ -636,34 +733,13 @@ fn validate_source(i: usize, r: &raw::RawSource) -> Result<SourceConfig, ConfigE
             (!r.heartbeat_expect.is_empty()).then(|| r.heartbeat_expect.clone()),
         ))
     };
-    if !(r.reconnect_multiplier >= 1.0 && r.reconnect_multiplier <= 100.0) {
-        return Err(ConfigError::new(
-            p("reconnect_multiplier"),
-            "must be in 1.0..=100.0",
-        ));
-    }
-    let max_attempts = match r.reconnect_max_attempts {
-        -1 => None,
-        n if n >= 1 && n <= i64::from(u32::MAX) => Some(n as u32),
-        _ => {
-            return Err(ConfigError::new(
-                p("reconnect_max_attempts"),
-                "must be -1 (forever) or at least 1",
-            ));
-        }
-    };
-    let backoff = Backoff {
-        initial: positive_ms(r.reconnect_initial_ms, &p("reconnect_initial_ms"))?,
-        max: positive_ms(r.reconnect_max_ms, &p("reconnect_max_ms"))?,
-        multiplier: r.reconnect_multiplier,
-        max_attempts,
-    };
-    if backoff.initial > backoff.max {
-        return Err(ConfigError::new(
-            p("reconnect_initial_ms"),
-            "must not exceed reconnect_max_ms",
-        ));
-    }
+    let backoff = backoff(
+        r.reconnect_initial_ms,
+        r.reconnect_max_ms,
+        r.reconnect_multiplier,
+        r.reconnect_max_attempts,
+        &p,
+    )?;
     Ok(SourceConfig {
         name,
         url,
@@ -678,6 +754,57 @@ fn validate_source(i: usize, r: &raw::RawSource) -> Result<SourceConfig, ConfigE
         heartbeat,
         backoff,
     })
+}
+
+/// A `subprotocol` key: `""` = none, else an RFC 7230 token.
+fn subprotocol(t: &str, p: &dyn Fn(&str) -> String) -> Result<Option<String>, ConfigError> {
+    match t {
+        "" => Ok(None),
+        t if is_token(t) => Ok(Some(t.to_string())),
+        t => Err(ConfigError::new(
+            p("subprotocol"),
+            format!("`{t}` is not a valid subprotocol token"),
+        )),
+    }
+}
+
+/// The `reconnect_*` keys (sources and WebSocket sinks).
+fn backoff(
+    initial_ms: u64,
+    max_ms: u64,
+    multiplier: f64,
+    max_attempts: i64,
+    p: &dyn Fn(&str) -> String,
+) -> Result<Backoff, ConfigError> {
+    if !(1.0..=100.0).contains(&multiplier) {
+        return Err(ConfigError::new(
+            p("reconnect_multiplier"),
+            "must be in 1.0..=100.0",
+        ));
+    }
+    let max_attempts = match max_attempts {
+        -1 => None,
+        n if n >= 1 && n <= i64::from(u32::MAX) => Some(n as u32),
+        _ => {
+            return Err(ConfigError::new(
+                p("reconnect_max_attempts"),
+                "must be -1 (forever) or at least 1",
+            ));
+        }
+    };
+    let backoff = Backoff {
+        initial: positive_ms(initial_ms, &p("reconnect_initial_ms"))?,
+        max: positive_ms(max_ms, &p("reconnect_max_ms"))?,
+        multiplier,
+        max_attempts,
+    };
+    if backoff.initial > backoff.max {
+        return Err(ConfigError::new(
+            p("reconnect_initial_ms"),
+            "must not exceed reconnect_max_ms",
+        ));
+    }
+    Ok(backoff)
 }
 
 fn validate_listener(
@@ -997,6 +1124,9 @@ fn ingest_route(
             ("format", r.format.is_some()),
             ("on_error", r.on_error.is_some()),
             ("dead_letter", r.dead_letter.is_some()),
+            ("schema", r.schema.is_some()),
+            ("schema_extra_fields", r.schema_extra_fields.is_some()),
+            ("metadata", r.metadata.is_some()),
         ];
         return match set.iter().find(|(_, s)| *s) {
             Some((key, _)) => Err(ConfigError::new(
@@ -1048,7 +1178,104 @@ fn ingest_route(
         json,
         close_on_error,
         dead_letter,
+        schema: schema(r, json, rp)?,
+        metadata: metadata(r.metadata.as_deref().unwrap_or_default(), rp)?,
     }))
+}
+
+/// An ingest route's `metadata` list.
+fn metadata(items: &[String], rp: &dyn Fn(&str) -> String) -> Result<Vec<MetaField>, ConfigError> {
+    let mut out: Vec<MetaField> = Vec::with_capacity(items.len());
+    for (k, item) in items.iter().enumerate() {
+        let path = rp(&format!("metadata[{k}]"));
+        let f = match item.as_str() {
+            "peer" => MetaField::Peer,
+            "tls" => MetaField::Tls,
+            "path" => MetaField::Path,
+            "client_cert" => MetaField::ClientCert,
+            other => match other.strip_prefix("header:") {
+                Some(h) if is_token(h) => MetaField::Header(h.to_ascii_lowercase()),
+                Some(h) => {
+                    return Err(ConfigError::new(
+                        path,
+                        format!("`{h}` is not a valid header name"),
+                    ));
+                }
+                None => {
+                    return Err(ConfigError::new(
+                        path,
+                        format!(
+                            "unknown metadata `{other}` (expected peer, tls, path, client_cert \
+                             or header:<name>)"
+                        ),
+                    ));
+                }
+            },
+        };
+        if out.iter().any(|x| x.key() == f.key()) {
+            return Err(ConfigError::new(
+                path,
+                format!("the key `{}` is already in the metadata", f.key()),
+            ));
+        }
+        out.push(f);
+    }
+    Ok(out)
+}
+
+/// An ingest route's `schema` and `schema_extra_fields`.
+fn schema(
+    r: &raw::RawRoute,
+    json: bool,
+    rp: &dyn Fn(&str) -> String,
+) -> Result<Option<Schema>, ConfigError> {
+    let Some(cols) = &r.schema else {
+        return match r.schema_extra_fields {
+            Some(_) => Err(ConfigError::new(
+                rp("schema_extra_fields"),
+                "needs a schema",
+            )),
+            None => Ok(None),
+        };
+    };
+    if !json {
+        return Err(ConfigError::new(
+            rp("schema"),
+            "a schema needs format = \"json\"",
+        ));
+    }
+    if cols.is_empty() {
+        return Err(ConfigError::new(rp("schema"), "at least one column"));
+    }
+    let mut columns: Vec<Column> = Vec::with_capacity(cols.len());
+    for (k, c) in cols.iter().enumerate() {
+        let cp = |key: &str| rp(&format!("schema[{k}].{key}"));
+        if c.name.is_empty() {
+            return Err(ConfigError::new(cp("name"), "a column needs a name"));
+        }
+        if columns.iter().any(|x| x.name == c.name) {
+            return Err(ConfigError::new(
+                cp("name"),
+                format!("duplicate column `{}`", c.name),
+            ));
+        }
+        columns.push(Column {
+            name: c.name.clone(),
+            ty: c.ty.parse().map_err(|e| ConfigError::new(cp("type"), e))?,
+            nullable: c.nullable,
+        });
+    }
+    let extra = match r.schema_extra_fields.as_deref().unwrap_or("allow") {
+        "allow" => ExtraFields::Allow,
+        "refuse" => ExtraFields::Refuse,
+        other => {
+            return Err(ConfigError::new(
+                rp("schema_extra_fields"),
+                format!("unknown `{other}` (expected allow or refuse)"),
+            ));
+        }
+    };
+    Ok(Some(Schema { columns, extra }))
 }
 
 fn validate_sink(i: usize, r: &raw::RawSink) -> Result<SinkConfig, ConfigError> {
@@ -1056,15 +1283,113 @@ fn validate_sink(i: usize, r: &raw::RawSink) -> Result<SinkConfig, ConfigError> 
     if r.name.is_empty() {
         return Err(ConfigError::new(p("name"), "a sink needs a name"));
     }
-    if r.kind != "file" {
-        return Err(ConfigError::new(
-            p("kind"),
-            format!("unknown sink kind `{}` (expected file)", r.kind),
-        ));
-    }
-    if r.path.is_empty() {
-        return Err(ConfigError::new(p("path"), "a file sink needs a path"));
-    }
+    let d = raw::RawSink::default();
+    // Keys of the other kind are refused unless left at their default.
+    let file_keys = [
+        ("path", r.path != d.path),
+        ("rotate_bytes", r.rotate_bytes != d.rotate_bytes),
+    ];
+    let ws_keys = [
+        ("url", r.url != d.url),
+        ("headers", r.headers != d.headers),
+        ("subprotocol", r.subprotocol != d.subprotocol),
+        (
+            "connect_timeout_ms",
+            r.connect_timeout_ms != d.connect_timeout_ms,
+        ),
+        ("ack_timeout_ms", r.ack_timeout_ms != d.ack_timeout_ms),
+        ("flush_timeout_ms", r.flush_timeout_ms != d.flush_timeout_ms),
+        (
+            "max_pending_batches",
+            r.max_pending_batches != d.max_pending_batches,
+        ),
+        (
+            "max_pending_bytes",
+            r.max_pending_bytes != d.max_pending_bytes,
+        ),
+        (
+            "reconnect_initial_ms",
+            r.reconnect_initial_ms != d.reconnect_initial_ms,
+        ),
+        ("reconnect_max_ms", r.reconnect_max_ms != d.reconnect_max_ms),
+        (
+            "reconnect_multiplier",
+            r.reconnect_multiplier != d.reconnect_multiplier,
+        ),
+        (
+            "reconnect_max_attempts",
+            r.reconnect_max_attempts != d.reconnect_max_attempts,
+        ),
+        ("tls_ca", r.tls_ca != d.tls_ca),
+        ("tls_cert", r.tls_cert != d.tls_cert),
+        ("tls_key", r.tls_key != d.tls_key),
+        ("tls_server_name", r.tls_server_name != d.tls_server_name),
+        (
+            "tls_insecure_skip_verify",
+            r.tls_insecure_skip_verify != d.tls_insecure_skip_verify,
+        ),
+    ];
+    let refuse = |keys: &[(&str, bool)], only: &str| match keys.iter().find(|(_, set)| *set) {
+        Some((key, _)) => Err(ConfigError::new(
+            p(key),
+            format!("only {only} sinks have `{key}`, not {} sinks", r.kind),
+        )),
+        None => Ok(()),
+    };
+    let kind = match r.kind.as_str() {
+        "file" => {
+            refuse(&ws_keys, "websocket")?;
+            if r.path.is_empty() {
+                return Err(ConfigError::new(p("path"), "a file sink needs a path"));
+            }
+            SinkKind::File {
+                path: r.path.clone().into(),
+                rotate_bytes: (r.rotate_bytes > 0).then_some(r.rotate_bytes),
+            }
+        }
+        "websocket" => {
+            refuse(&file_keys, "file")?;
+            let tls = upstream_tls(
+                [&r.tls_ca, &r.tls_cert, &r.tls_key, &r.tls_server_name],
+                r.tls_insecure_skip_verify,
+                &p,
+            )?;
+            let url = WsUrl::parse_with(&r.url, &tls).map_err(|e| ConfigError::new(p("url"), e))?;
+            SinkKind::WebSocket(Box::new(WsSinkConfig {
+                url,
+                headers: validate_headers(&r.headers, &p("headers"))?,
+                subprotocol: subprotocol(&r.subprotocol, &p)?,
+                connect_timeout: positive_ms(r.connect_timeout_ms, &p("connect_timeout_ms"))?,
+                ack_timeout: positive_ms(r.ack_timeout_ms, &p("ack_timeout_ms"))?,
+                flush_timeout: positive_ms(r.flush_timeout_ms, &p("flush_timeout_ms"))?,
+                max_pending_batches: bounded(
+                    r.max_pending_batches,
+                    1,
+                    1 << 20,
+                    &p("max_pending_batches"),
+                )?,
+                max_pending_bytes: bounded(
+                    r.max_pending_bytes,
+                    1,
+                    1 << 36,
+                    &p("max_pending_bytes"),
+                )?,
+                backoff: backoff(
+                    r.reconnect_initial_ms,
+                    r.reconnect_max_ms,
+                    r.reconnect_multiplier,
+                    r.reconnect_max_attempts,
+                    &p,
+                )?,
+            }))
+        }
+        other => {
+            return Err(ConfigError::new(
+                p("kind"),
+                format!("unknown sink kind `{other}` (expected file or websocket)"),
+            ));
+        }
+    };
     let framing = match r.framing.as_str() {
         "ndjson" => Framing::Ndjson,
         "json_array" => Framing::JsonArray,
@@ -1088,14 +1413,14 @@ fn validate_sink(i: usize, r: &raw::RawSink) -> Result<SinkConfig, ConfigError> 
     };
     Ok(SinkConfig {
         name: r.name.clone(),
-        path: r.path.clone().into(),
+        kind,
         framing,
         compression,
-        rotate_bytes: (r.rotate_bytes > 0).then_some(r.rotate_bytes),
         max_batch_messages: bounded(r.max_batch_messages, 1, 1 << 24, &p("max_batch_messages"))?,
         max_batch_bytes: bounded(r.max_batch_bytes, 1, 1 << 30, &p("max_batch_bytes"))?,
         max_batch_delay: positive_ms(r.max_batch_delay_ms, &p("max_batch_delay_ms"))?,
         buffer_chunks: bounded(r.buffer_chunks, 1, 1 << 20, &p("buffer_chunks"))?,
+        used: false,
     })
 }
 
@@ -1385,6 +1710,23 @@ mod tests {
             format!("{:?}", raw::RawSource::default())
         );
         assert!(c.sources.is_empty(), "the example source is disabled");
+        // The example WebSocket sink shows the defaults of every key but its identity, and
+        // no route uses it, so it is not started.
+        let ws = file.sink.iter().find(|s| s.kind == "websocket").unwrap();
+        assert_eq!(
+            format!(
+                "{:?}",
+                raw::RawSink {
+                    name: String::new(),
+                    kind: "file".into(),
+                    url: String::new(),
+                    ..ws.clone()
+                }
+            ),
+            format!("{:?}", raw::RawSink::default())
+        );
+        let used: Vec<(&str, bool)> = c.sinks.iter().map(|s| (s.name.as_str(), s.used)).collect();
+        assert_eq!(used, [("ingest", true), ("upstream-example", false)]);
     }
 
     /// Dotted key paths of a TOML document (array-of-tables flattened, indices dropped).
@@ -1448,6 +1790,9 @@ mod tests {
                 format: Some("json".into()),
                 on_error: Some("continue".into()),
                 dead_letter: Some(String::new()),
+                schema: Some(vec![raw::RawColumn::default()]),
+                schema_extra_fields: Some("allow".into()),
+                metadata: Some(vec![]),
                 client_cert_names: vec![],
                 tls_ca: String::new(),
                 tls_cert: String::new(),
@@ -1639,6 +1984,191 @@ mod tests {
         ] {
             let e = route(extra).unwrap_err();
             assert_eq!(e.path, format!("listener[0].route[0].{path}"), "{extra}");
+            assert!(e.message.contains(words), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn ingest_schemas_are_checked() {
+        let route = |extra: &str| {
+            Config::parse(&format!(
+                "[[sink]]\nname='s'\npath='/tmp/x'\n[[listener]]\nbind='127.0.0.1:1'\n\
+                 [[listener.route]]\npath='/in'\nkind='ingest'\nsink='s'\n{extra}\n"
+            ))
+        };
+        let ok = route(
+            "schema=[{name='id',type='integer'},{name='at',type='timestamp',nullable=true}]\n\
+             schema_extra_fields='refuse'",
+        )
+        .unwrap();
+        let s = ok.listeners[0].routes[0]
+            .ingest
+            .as_ref()
+            .unwrap()
+            .schema
+            .clone()
+            .unwrap();
+        assert_eq!(s.extra, ExtraFields::Refuse);
+        assert_eq!(
+            (s.columns[0].nullable, s.columns[1].nullable),
+            (false, true),
+            "required unless nullable"
+        );
+        for (extra, key, words) in [
+            (
+                "schema=[{name='id',type='integer'},{name='x',type='int'}]",
+                "schema[1].type",
+                "unknown column type `int`",
+            ),
+            (
+                "schema=[{name='id',type='integer'},{name='id',type='string'}]",
+                "schema[1].name",
+                "duplicate",
+            ),
+            ("schema=[{name='',type='string'}]", "schema[0].name", "name"),
+            ("schema=[]", "schema", "at least one"),
+            (
+                "format='text'\nschema=[{name='a',type='string'}]",
+                "schema",
+                "json",
+            ),
+            (
+                "schema_extra_fields='refuse'",
+                "schema_extra_fields",
+                "needs",
+            ),
+            (
+                "schema=[{name='a',type='string'}]\nschema_extra_fields='maybe'",
+                "schema_extra_fields",
+                "allow or refuse",
+            ),
+        ] {
+            let e = route(extra).unwrap_err();
+            assert_eq!(e.path, format!("listener[0].route[0].{key}"), "{extra}");
+            assert!(e.message.contains(words), "{extra}: {e}");
+        }
+        let ok =
+            route("metadata=['peer','tls','path','client_cert','header:X-Device-Id']").unwrap();
+        let keys: Vec<&str> = ok.listeners[0].routes[0]
+            .ingest
+            .as_ref()
+            .unwrap()
+            .metadata
+            .iter()
+            .map(MetaField::key)
+            .collect();
+        assert_eq!(keys, ["peer", "tls", "path", "client_cert", "x-device-id"]);
+        for (extra, key, words) in [
+            ("metadata=['ip']", "metadata[0]", "unknown metadata `ip`"),
+            ("metadata=['header:a b']", "metadata[0]", "header name"),
+            ("metadata=['tls','header:TLS']", "metadata[1]", "already"),
+        ] {
+            let e = route(extra).unwrap_err();
+            assert_eq!(e.path, format!("listener[0].route[0].{key}"), "{extra}");
+            assert!(e.message.contains(words), "{extra}: {e}");
+        }
+        let e = route("schema=[{name='a',type='string',required=true}]").unwrap_err();
+        assert!(e.path.starts_with("listener[0].route[0].schema"), "{e}");
+    }
+
+    #[test]
+    fn sinks_are_checked() {
+        let sinks = |extra: &str| {
+            Config::parse(&format!(
+                "[[listener]]\nbind='127.0.0.1:1'\n[[listener.route]]\npath='/in'\nkind='ingest'\n\
+                 sink='a'\ndead_letter='b'\n[[sink]]\nname='b'\npath='/tmp/b'\n[[sink]]\nname='a'\n{extra}\n\
+                 [[sink]]\nname='idle'\npath='/tmp/i'\n"
+            ))
+        };
+        let ok = sinks(
+            "kind='websocket'\nurl='ws://127.0.0.1:9/up'\nheaders={Authorization='Bearer t'}\n\
+             subprotocol='v1'\nmax_pending_batches=3\nreconnect_max_attempts=4\ncompression='zstd'",
+        )
+        .unwrap();
+        let used: Vec<bool> = ok.sinks.iter().map(|s| s.used).collect();
+        assert_eq!(
+            used,
+            [true, true, false],
+            "sink and dead letter used, idle not"
+        );
+        let SinkKind::WebSocket(ws) = &ok.sinks[1].kind else {
+            panic!("{:?}", ok.sinks[1]);
+        };
+        assert_eq!(ws.url.addr, "127.0.0.1:9".parse().unwrap());
+        assert_eq!(ws.subprotocol.as_deref(), Some("v1"));
+        assert_eq!(
+            (ws.max_pending_batches, ws.backoff.max_attempts),
+            (3, Some(4))
+        );
+        assert_eq!(ws.ack_timeout, Duration::from_secs(10));
+        let debug = format!("{:?}", ok.sinks[1]);
+        assert!(
+            debug.contains("Authorization") && !debug.contains("Bearer t"),
+            "header values are not shown: {debug}"
+        );
+        for (extra, key, words) in [
+            ("kind='kafka'", "kind", "file or websocket"),
+            ("kind='websocket'", "url", "not a ws:// or wss:// URL"),
+            ("kind='websocket'\nurl='http://x/'", "url", "ws://"),
+            (
+                "kind='websocket'\nurl='ws://127.0.0.1:9/'\npath='/tmp/x'",
+                "path",
+                "only file sinks",
+            ),
+            (
+                "kind='websocket'\nurl='ws://127.0.0.1:9/'\nrotate_bytes=10",
+                "rotate_bytes",
+                "only file sinks",
+            ),
+            (
+                "path='/tmp/a'\nurl='ws://127.0.0.1:9/'",
+                "url",
+                "only websocket",
+            ),
+            (
+                "path='/tmp/a'\nmax_pending_batches=2",
+                "max_pending_batches",
+                "only websocket",
+            ),
+            ("", "path", "needs a path"),
+            (
+                "kind='websocket'\nurl='ws://127.0.0.1:9/'\nmax_pending_batches=0",
+                "max_pending_batches",
+                "range",
+            ),
+            (
+                "kind='websocket'\nurl='ws://127.0.0.1:9/'\nack_timeout_ms=0",
+                "ack_timeout_ms",
+                "greater than 0",
+            ),
+            (
+                "kind='websocket'\nurl='ws://127.0.0.1:9/'\nreconnect_multiplier=0.5",
+                "reconnect_multiplier",
+                "1.0",
+            ),
+            (
+                "kind='websocket'\nurl='ws://127.0.0.1:9/'\ntls_ca='/ca.pem'",
+                "url",
+                "need a wss:// URL",
+            ),
+            (
+                "kind='websocket'\nurl='wss://127.0.0.1:9/'\ntls_key='/k.pem'",
+                "tls_cert",
+                "needs tls_cert",
+            ),
+            (
+                "kind='websocket'\nurl='ws://127.0.0.1:9/'\nheaders={Upgrade='x'}",
+                "headers",
+                "itself",
+            ),
+            (
+                "kind='websocket'\nurl='ws://127.0.0.1:9/'\nsubprotocol='a b'",
+                "subprotocol",
+                "token",
+            ),
+        ] {
+            let e = sinks(extra).unwrap_err();
+            assert_eq!(e.path, format!("sink[1].{key}"), "{extra}");
             assert!(e.message.contains(words), "{extra}: {e}");
         }
     }

@@ -210,6 +210,16 @@ pub struct RawRoute {
     /// Sink for invalid messages ("" = none; ingest routes only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<String>,
+    /// Connection facts wrapped around every message: `peer`, `tls`, `path`, `client_cert`,
+    /// `header:<name>` (ingest routes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Vec<String>>,
+    /// Declared columns every message must match (ingest routes with format json only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<Vec<RawColumn>>,
+    /// `allow` or `refuse` object keys that are not columns (ingest routes with a schema).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_extra_fields: Option<String>,
     /// Subscriber queue cap in bytes (subscribe and pubsub routes only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_queue_bytes: Option<usize>,
@@ -228,6 +238,20 @@ pub struct RawRoute {
     /// Headers added to the upstream upgrade request (proxy routes only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// One `schema` entry of an ingest route: `{ name = "id", type = "integer", nullable = false }`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawColumn {
+    /// The object key.
+    pub name: String,
+    /// `string`, `integer`, `number`, `boolean`, `object`, `array` or `timestamp`.
+    #[serde(rename = "type")]
+    pub ty: String,
+    /// May the key be missing or null (default `false`: required).
+    #[serde(default)]
+    pub nullable: bool,
 }
 
 /// `[admin]`.
@@ -337,15 +361,15 @@ impl Default for RawSource {
 pub struct RawSink {
     /// Name routes refer to.
     pub name: String,
-    /// `file`.
+    /// `file` or `websocket`.
     pub kind: String,
-    /// File path (created on the first batch).
+    /// File sinks: the path (created on the first batch).
     pub path: String,
     /// `ndjson` or `json_array`.
     pub framing: String,
     /// `none`, `gzip` or `zstd`.
     pub compression: String,
-    /// Rotate when the file would exceed this many bytes (0 = never).
+    /// File sinks: rotate when the file would exceed this many bytes (0 = never).
     pub rotate_bytes: u64,
     /// A batch is written at this many messages...
     pub max_batch_messages: usize,
@@ -355,6 +379,40 @@ pub struct RawSink {
     pub max_batch_delay_ms: u64,
     /// Chunks queued between the shards and the sink before ingest clients stop being read.
     pub buffer_chunks: usize,
+    /// WebSocket sinks: `ws://` or `wss://` URL of the upstream.
+    pub url: String,
+    /// WebSocket sinks: headers added to the upgrade request.
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// WebSocket sinks: subprotocol to ask for ("" = none).
+    pub subprotocol: String,
+    /// WebSocket sinks: TCP connect + handshake deadline.
+    pub connect_timeout_ms: u64,
+    /// WebSocket sinks: the pong confirming written batches must arrive within this.
+    pub ack_timeout_ms: u64,
+    /// WebSocket sinks: at shutdown, time allowed to deliver and confirm pending batches.
+    pub flush_timeout_ms: u64,
+    /// WebSocket sinks: unconfirmed batches held before the sink stops taking chunks.
+    pub max_pending_batches: usize,
+    /// WebSocket sinks: ...or bytes of them.
+    pub max_pending_bytes: usize,
+    /// WebSocket sinks: first reconnect delay cap.
+    pub reconnect_initial_ms: u64,
+    /// WebSocket sinks: largest reconnect delay cap.
+    pub reconnect_max_ms: u64,
+    /// WebSocket sinks: growth of the delay cap per failed attempt.
+    pub reconnect_multiplier: f64,
+    /// WebSocket sinks: consecutive failed attempts before giving up; -1 = forever.
+    pub reconnect_max_attempts: i64,
+    /// wss:// only: CA file ("" = system roots).
+    pub tls_ca: String,
+    /// wss:// only: client certificate file ("" = none).
+    pub tls_cert: String,
+    /// wss:// only: client key file.
+    pub tls_key: String,
+    /// wss:// only: SNI / verified name ("" = the URL's host).
+    pub tls_server_name: String,
+    /// wss:// only: accept any certificate (testing only).
+    pub tls_insecure_skip_verify: bool,
 }
 
 impl Default for RawSink {
@@ -370,6 +428,23 @@ impl Default for RawSink {
             max_batch_bytes: 1 << 20,
             max_batch_delay_ms: 100,
             buffer_chunks: 64,
+            url: String::new(),
+            headers: Default::default(),
+            subprotocol: String::new(),
+            connect_timeout_ms: 5_000,
+            ack_timeout_ms: 10_000,
+            flush_timeout_ms: 5_000,
+            max_pending_batches: 64,
+            max_pending_bytes: 64 << 20,
+            reconnect_initial_ms: 500,
+            reconnect_max_ms: 30_000,
+            reconnect_multiplier: 2.0,
+            reconnect_max_attempts: -1,
+            tls_ca: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_server_name: String::new(),
+            tls_insecure_skip_verify: false,
         }
     }
 }

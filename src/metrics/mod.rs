@@ -397,23 +397,45 @@ pub struct Info {
     pub sinks: Vec<SinkSnapshot>,
 }
 
-/// Counters of one ingest sink.
+/// State and counters of one ingest sink.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct SinkSnapshot {
     /// Sink name.
     pub name: String,
-    /// Batches written.
+    /// `file` or `websocket`.
+    pub kind: &'static str,
+    /// `running` (file), `connecting`, `connected`, `backoff`, `failed` (websocket),
+    /// `stopped` (after shutdown) or `unused` (no route delivers to it; not started).
+    pub state: &'static str,
+    /// Batches delivered: written to the file, or confirmed by the upstream (websocket).
     pub batches: u64,
-    /// Messages written.
+    /// Messages in those batches.
     pub messages: u64,
-    /// Bytes appended to the file (after compression).
+    /// Bytes of those batches (after compression).
     pub bytes_written: u64,
     /// File rotations.
     pub rotations: u64,
-    /// Failed writes (each retried).
+    /// Failed file writes (each retried).
     pub write_errors: u64,
-    /// Messages given up on (only at shutdown, after repeated write failures).
+    /// Messages given up on: at shutdown (file: after repeated write failures; websocket:
+    /// not confirmed within `flush_timeout_ms`), or by a websocket sink that gave up.
     pub dropped: u64,
+    /// WebSocket: connections established (handshake completed).
+    pub connects: u64,
+    /// WebSocket: connections that ended (each followed by a reconnect unless stopping).
+    pub disconnects: u64,
+    /// WebSocket: connection attempts that failed (refused, timed out, not 101).
+    pub connect_failures: u64,
+    /// WebSocket: batches sent again after a reconnect because they were not confirmed.
+    pub redeliveries: u64,
+    /// WebSocket: messages in those batches (an upper bound on duplicates upstream).
+    pub redelivered_messages: u64,
+    /// WebSocket: batches held unconfirmed (sent or not).
+    pub pending_batches: u64,
+    /// WebSocket: bytes of those batches.
+    pub pending_bytes: u64,
+    /// WebSocket: why the last connection or attempt ended ("" if none has).
+    pub last_error: String,
 }
 
 /// Prometheus text exposition (version 0.0.4) of the merged counters.
@@ -674,44 +696,123 @@ pub fn render_prometheus(info: &Info, snaps: &[Snapshot]) -> String {
         metric(name, "counter", help, &[(String::new(), v)]);
     }
     type SinkField = fn(&SinkSnapshot) -> u64;
-    let per_sink: [(&str, &str, SinkField); 6] = [
+    // (name, type, help, value, websocket sinks only)
+    let per_sink: [(&str, &str, &str, SinkField, bool); 15] = [
         (
             "wsedge_sink_batches_total",
-            "Batches written by the sink.",
+            "counter",
+            "Batches delivered (file: written; websocket: confirmed by the upstream).",
             |s| s.batches,
+            false,
         ),
         (
             "wsedge_sink_messages_total",
-            "Messages written by the sink.",
+            "counter",
+            "Messages delivered (file: written; websocket: confirmed by the upstream).",
             |s| s.messages,
+            false,
         ),
         (
             "wsedge_sink_bytes_written_total",
-            "Bytes appended (after compression).",
+            "counter",
+            "Bytes of delivered batches (after compression).",
             |s| s.bytes_written,
+            false,
         ),
-        ("wsedge_sink_rotations_total", "File rotations.", |s| {
-            s.rotations
-        }),
+        (
+            "wsedge_sink_rotations_total",
+            "counter",
+            "File rotations.",
+            |s| s.rotations,
+            false,
+        ),
         (
             "wsedge_sink_write_errors_total",
-            "Failed writes (retried).",
+            "counter",
+            "Failed file writes (retried).",
             |s| s.write_errors,
+            false,
         ),
         (
             "wsedge_sink_dropped_total",
-            "Messages given up on at shutdown after write failures.",
+            "counter",
+            "Messages given up on (at shutdown, or by a websocket sink that gave up).",
             |s| s.dropped,
+            false,
+        ),
+        (
+            "wsedge_sink_connected",
+            "gauge",
+            "1 while the websocket sink is connected to its upstream.",
+            |s| u64::from(s.state == "connected"),
+            true,
+        ),
+        (
+            "wsedge_sink_failed",
+            "gauge",
+            "1 once the websocket sink gave up (reconnect_max_attempts).",
+            |s| u64::from(s.state == "failed"),
+            true,
+        ),
+        (
+            "wsedge_sink_connects_total",
+            "counter",
+            "Upstream connections established.",
+            |s| s.connects,
+            true,
+        ),
+        (
+            "wsedge_sink_disconnects_total",
+            "counter",
+            "Upstream connections that ended.",
+            |s| s.disconnects,
+            true,
+        ),
+        (
+            "wsedge_sink_connect_failures_total",
+            "counter",
+            "Upstream connection attempts that failed.",
+            |s| s.connect_failures,
+            true,
+        ),
+        (
+            "wsedge_sink_redeliveries_total",
+            "counter",
+            "Batches re-sent after a reconnect because they were not confirmed.",
+            |s| s.redeliveries,
+            true,
+        ),
+        (
+            "wsedge_sink_redelivered_messages_total",
+            "counter",
+            "Messages in re-sent batches (an upper bound on the duplicates the upstream saw).",
+            |s| s.redelivered_messages,
+            true,
+        ),
+        (
+            "wsedge_sink_pending_batches",
+            "gauge",
+            "Batches held unconfirmed (bounded by max_pending_batches).",
+            |s| s.pending_batches,
+            true,
+        ),
+        (
+            "wsedge_sink_pending_bytes",
+            "gauge",
+            "Bytes of batches held unconfirmed (bounded by max_pending_bytes).",
+            |s| s.pending_bytes,
+            true,
         ),
     ];
-    if !info.sinks.is_empty() {
-        for (name, help, get) in per_sink {
-            let series: Vec<_> = info
-                .sinks
-                .iter()
-                .map(|s| (format!("{{sink=\"{}\"}}", escape_label(&s.name)), get(s)))
-                .collect();
-            metric(name, "counter", help, &series);
+    for (name, kind, help, get, ws_only) in per_sink {
+        let series: Vec<_> = info
+            .sinks
+            .iter()
+            .filter(|s| !ws_only || s.kind == "websocket")
+            .map(|s| (format!("{{sink=\"{}\"}}", escape_label(&s.name)), get(s)))
+            .collect();
+        if !series.is_empty() {
+            metric(name, kind, help, &series);
         }
     }
     let rl: Vec<_> = t

@@ -126,6 +126,24 @@ pub(crate) fn random_16() -> [u8; 16] {
     out
 }
 
+/// A small xorshift generator for reconnect jitter (sources, WebSocket sinks); not for
+/// anything secret.
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub(crate) fn new() -> Self {
+        let b = random_16();
+        Self(u64::from_le_bytes(b[..8].try_into().unwrap_or([1; 8])) | 1)
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
 pub(crate) type ReadFut<'a> = Fuse<LocalBoxFuture<'a, BufResult<usize, BytesMut>>>;
 pub(crate) type WriteFut<'a> = Fuse<LocalBoxFuture<'a, BufResult<(), Vec<u8>>>>;
 
@@ -211,5 +229,47 @@ impl<'a> Side<'a> {
             o = Vec::new();
         }
         self.out = Some(o);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Rng;
+    use crate::config::Backoff;
+    use std::time::Duration;
+
+    /// Full jitter as the sources and WebSocket sinks draw it: every delay within
+    /// `0..=cap(n)`, the cap growing by the multiplier up to `max`, and the draws spread over
+    /// the whole range (not stuck at 0 or at the cap).
+    #[test]
+    fn jittered_backoff_stays_within_its_bounds() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(2_000),
+            multiplier: 2.0,
+            max_attempts: None,
+        };
+        let mut rng = Rng::new();
+        for failures in 1..=12 {
+            let cap = b.cap(failures);
+            let expected = (100u64 << (failures - 1)).min(2_000);
+            assert_eq!(cap, Duration::from_millis(expected), "cap {failures}");
+            let draws: Vec<Duration> = (0..2_000)
+                .map(|_| b.delay(failures, rng.next_u64()))
+                .collect();
+            assert!(draws.iter().all(|d| *d <= cap), "{failures}: above the cap");
+            let (lo, hi) = (draws.iter().min().unwrap(), draws.iter().max().unwrap());
+            assert!(
+                *lo <= cap / 10,
+                "{failures}: lowest draw {lo:?} of cap {cap:?}"
+            );
+            assert!(
+                *hi >= cap * 9 / 10,
+                "{failures}: highest draw {hi:?} of cap {cap:?}"
+            );
+        }
+        // Extremes: a zero random value is no wait; u64::MAX stays within the cap.
+        assert_eq!(b.delay(1, 0), Duration::ZERO);
+        assert!(b.delay(40, u64::MAX) <= Duration::from_millis(2_000));
     }
 }

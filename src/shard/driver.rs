@@ -95,9 +95,9 @@ pub(crate) fn serve(
                 // block would take its size in the task state of every connection.
                 boxed_relay(ctx, shared, &stream, rest, up).await
             }
-            Target::Ingest(ing) => {
+            Target::Ingest(meta) => {
                 let r = &shared.cfg.routes[route];
-                boxed_ingest(ctx, shared, &stream, rest, r, ing).await
+                boxed_ingest(ctx, shared, &stream, rest, r, meta).await
             }
             Target::Topic(topic) => {
                 let fan = topic.map(|t| Fan::new(ctx, listener_idx, route, t));
@@ -153,9 +153,13 @@ fn boxed_ingest<'a>(
     stream: &'a Stream,
     rest: BytesMut,
     route: &'a Route,
-    ing: crate::config::IngestRoute,
+    meta: Option<Box<str>>,
 ) -> LocalBoxFuture<'a, u16> {
-    Box::pin(super::ingest::serve(ctx, shared, stream, rest, route, ing))
+    Box::pin(async move {
+        // Invariant: `Target::Ingest` is only chosen for routes with ingest settings.
+        let ing = route.ingest.as_ref().expect("ingest route");
+        super::ingest::serve(ctx, shared, stream, rest, route, ing, meta).await
+    })
 }
 
 /// The proxy relay future, on the heap (see its call site).
@@ -337,8 +341,9 @@ enum Target {
     Topic(Option<Arc<str>>),
     /// Relayed to a connected upstream (proxy routes).
     Upstream(super::client::Upstream),
-    /// Validated and handed to a sink (ingest routes).
-    Ingest(crate::config::IngestRoute),
+    /// Validated and handed to a sink (ingest routes), with the connection's metadata
+    /// object if the route asks for one.
+    Ingest(Option<Box<str>>),
 }
 
 /// Phase 1. On success the connection holds a `max_connections` slot; returned are the index
@@ -518,8 +523,8 @@ async fn handshake(ctx: &ShardCtx, listener_idx: usize, stream: &Stream) -> Opti
             }
         }
     };
-    let mut target = match route.ingest {
-        Some(ing) => Target::Ingest(ing),
+    let mut target = match &route.ingest {
+        Some(ing) => Target::Ingest(super::ingest::metadata(&ing.metadata, stream, &req)),
         None => Target::Topic((route.kind != RouteKind::Echo).then(|| Arc::from(topic))),
     };
     let mut protocol = route.select_subprotocol(&req.protocols).map(str::to_string);

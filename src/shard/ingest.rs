@@ -1,5 +1,7 @@
-//! Ingest routes: validate every message, hand valid ones to the route's sink, invalid ones
-//! (with the reason) to its dead-letter sink, and stop reading while a sink is full.
+//! Ingest routes: validate every message (JSON, text, or a declared schema), wrap valid ones
+//! with the connection's metadata if the route asks for it, hand them to the route's sink,
+//! invalid ones (with the reason) to its dead-letter sink, and stop reading while a sink is
+//! full.
 //!
 //! A simpler loop than the general driver: ingest traffic flows client → server, so the loop
 //! is sequential (read, validate, hand over, write what the protocol core queued: pongs,
@@ -8,6 +10,7 @@
 //! `wsedge_ingest_backpressure_waits_total`). Keepalive and drain come from the shard signal
 //! as for every connection.
 
+use std::borrow::Cow;
 use std::pin::pin;
 
 use bytes::{Bytes, BytesMut};
@@ -20,18 +23,72 @@ use super::driver::{read_op, ticks};
 use super::sink::Chunk;
 use super::stream::Stream;
 use super::{ListenerShared, ShardCtx, signal};
-use crate::config::{IngestRoute, Route};
-use crate::proto::{CloseCode, Conn, Event, MessageKind, Role, State};
+use crate::config::{IngestRoute, MetaField, Route};
+use crate::proto::{CloseCode, Conn, Event, MessageKind, Role, State, UpgradeRequest};
 
 /// Why a message is invalid for the route, or `None` if it is valid.
-fn invalid(json: bool, kind: MessageKind, data: &[u8]) -> Option<&'static str> {
-    if json {
+fn invalid(ing: &IngestRoute, kind: MessageKind, data: &[u8]) -> Option<Cow<'static, str>> {
+    if let Some(schema) = &ing.schema {
+        schema.check(data).err().map(Cow::Owned)
+    } else if ing.json {
         serde_json::from_slice::<serde::de::IgnoredAny>(data)
             .err()
-            .map(|_| "not a JSON value")
+            .map(|_| Cow::Borrowed("not a JSON value"))
     } else {
-        (kind != MessageKind::Text).then_some("not a text message")
+        (kind != MessageKind::Text).then_some(Cow::Borrowed("not a text message"))
     }
+}
+
+/// The `meta` object of a connection (JSON text, keys in configured order), for routes with
+/// `metadata`; computed once at the handshake.
+pub(crate) fn metadata(
+    fields: &[MetaField],
+    stream: &Stream,
+    req: &UpgradeRequest,
+) -> Option<Box<str>> {
+    if fields.is_empty() {
+        return None;
+    }
+    let tls = stream.tls();
+    let mut out = String::from("{");
+    for (i, f) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let value = match f {
+            MetaField::Peer => stream
+                .peer_addr()
+                .map_or(serde_json::Value::Null, |a| a.to_string().into()),
+            MetaField::Tls => tls.is_some().into(),
+            MetaField::Path => req.path.as_str().into(),
+            MetaField::ClientCert => tls
+                .and_then(|t| t.peer_identity.as_ref())
+                .map_or(serde_json::Value::Null, |id| id.display_name().into()),
+            MetaField::Header(h) => req.header(h).map_or(serde_json::Value::Null, |v| v.into()),
+        };
+        // Invariant: strings and scalars serialize infallibly.
+        out.push_str(&serde_json::to_string(f.key()).expect("string"));
+        out.push(':');
+        out.push_str(&value.to_string());
+    }
+    out.push('}');
+    Some(out.into_boxed_str())
+}
+
+/// `{"meta":<meta>,"message":<data>}`: a JSON message as is, a text message as a string.
+fn wrap(meta: &str, json: bool, data: &[u8]) -> Bytes {
+    let mut v = Vec::with_capacity(meta.len() + data.len() + 24);
+    v.extend_from_slice(b"{\"meta\":");
+    v.extend_from_slice(meta.as_bytes());
+    v.extend_from_slice(b",\"message\":");
+    if json {
+        v.extend_from_slice(data);
+    } else {
+        // Invariant: writing a string into a Vec cannot fail.
+        serde_json::to_writer(&mut v, &String::from_utf8_lossy(data)).expect("string");
+    }
+    v.push(b'}');
+    Bytes::from(v)
 }
 
 /// Hand a chunk to a sink, waiting (and counting the wait) if its queue is full. `false` if
@@ -55,9 +112,14 @@ pub(crate) async fn serve(
     stream: &Stream,
     rest: BytesMut,
     route: &Route,
-    ing: IngestRoute,
+    ing: &IngestRoute,
+    meta: Option<Box<str>>,
 ) -> u16 {
     let cfg = &shared.cfg;
+    // Dead-letter lines carry the metadata as a value (parsed once per connection).
+    let meta_value: Option<serde_json::Value> = meta
+        .as_deref()
+        .map(|m| serde_json::from_str(m).unwrap_or_default());
     let mut conn = Conn::new(Role::Server, cfg.limits.clone());
     let mut rbuf = Some(rest);
     let mut pending_input = rbuf.as_ref().is_some_and(|b| !b.is_empty());
@@ -97,22 +159,28 @@ pub(crate) async fn serve(
                         if refused {
                             continue;
                         }
-                        match invalid(ing.json, kind, &data) {
-                            None => good.push(data),
+                        match invalid(ing, kind, &data) {
+                            None => good.push(match meta.as_deref() {
+                                Some(m) => wrap(m, ing.json, &data),
+                                None => data,
+                            }),
                             Some(reason) => {
                                 ctx.metrics.on_ingest_invalid();
                                 if ing.dead_letter.is_some() {
-                                    let line = serde_json::json!({
+                                    let mut line = serde_json::json!({
                                         "reason": reason,
                                         "route": route.path,
                                         "message": String::from_utf8_lossy(&data),
                                     });
+                                    if let Some(m) = &meta_value {
+                                        line["meta"] = m.clone();
+                                    }
                                     dead.push(Bytes::from(line.to_string()));
                                 }
                                 if ing.close_on_error {
                                     refused = true;
                                     code.get_or_insert(CloseCode::INVALID_PAYLOAD.0);
-                                    let _ = conn.close(CloseCode::INVALID_PAYLOAD, reason);
+                                    let _ = conn.close(CloseCode::INVALID_PAYLOAD, &reason);
                                 }
                             }
                         }
@@ -129,7 +197,7 @@ pub(crate) async fn serve(
                     ctx,
                     ing.sink,
                     Chunk {
-                        json: ing.json,
+                        json: ing.json || meta.is_some(),
                         msgs: good,
                     },
                 )

@@ -344,13 +344,23 @@ impl Server {
             }
         }
         for s in &cfg.sinks {
-            let started = sink::start(s.clone()).map_err(|e| StartError::Shard {
-                shard: usize::MAX,
-                message: format!("sink `{}`: cannot start its thread: {e}", s.name),
-            })?;
+            let started = if s.used {
+                if let crate::config::SinkKind::WebSocket(ws) = &s.kind {
+                    if let Some(t) = &ws.url.tls {
+                        warn_insecure(t, &format!("sink {}", s.name));
+                    }
+                }
+                sink::start(s.clone(), backend).map_err(|e| StartError::Shard {
+                    shard: usize::MAX,
+                    message: format!("sink `{}`: cannot start its thread: {e}", s.name),
+                })?
+            } else {
+                info!(sink = %s.name, "no route delivers to this sink; not started");
+                sink::unused(s)
+            };
             sink_txs.push(started.tx);
             sink_stats.push(started.stats);
-            sink_threads.push(started.thread);
+            sink_threads.extend(started.thread);
         }
         let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, (usize, String)>>();
         let mut links = mesh::build(shards).into_iter();
@@ -499,8 +509,10 @@ impl Server {
     }
 
     /// Drain and stop: stop accepting, close every connection with 1001 (spread over the
-    /// drain window), wait for the shards up to the drain deadline, stop the admin listener.
-    pub fn shutdown(mut self) {
+    /// drain window), wait for the shards up to the drain deadline, then for the sinks to
+    /// deliver what they hold (each within its own bound), stop the admin listener. Returns
+    /// the sinks' final counters (what was delivered, and dropped at shutdown).
+    pub fn shutdown(mut self) -> Vec<crate::metrics::SinkSnapshot> {
         self.set.draining.store(true, Ordering::Relaxed);
         for c in self.set.controls.iter() {
             let _ = c.try_send(Control::Drain);
@@ -520,6 +532,7 @@ impl Server {
             deadline_ms = self.drain_timeout.as_millis() as u64,
             "shut down"
         );
+        self.set.sinks.iter().map(|s| s.snapshot()).collect()
     }
 }
 

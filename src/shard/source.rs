@@ -22,7 +22,7 @@ use futures_util::select_biased;
 use tracing::{debug, error, info, warn};
 
 use super::ShardCtx;
-use super::client::{self, Side, random_16};
+use super::client::{self, Rng, Side, random_16};
 use crate::config::{SourceConfig, SourceFormat};
 use crate::metrics::SourceSnapshot;
 use crate::proto::{CloseCode, Conn, Event, Limits, MessageKind, Role, State};
@@ -101,25 +101,6 @@ fn bump(c: &Cell<u64>, n: u64) {
     c.set(c.get() + n);
 }
 
-/// A small xorshift generator for the jitter (not for anything secret).
-struct Rng(u64);
-
-impl Rng {
-    fn new() -> Self {
-        let b = random_16();
-        Self(u64::from_le_bytes(b[..8].try_into().unwrap_or([1; 8])) | 1)
-    }
-
-    /// Uniform in `0..=d` (millisecond resolution).
-    fn below(&mut self, d: Duration) -> Duration {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        let ms = d.as_millis() as u64;
-        Duration::from_millis(if ms == 0 { 0 } else { self.0 % (ms + 1) })
-    }
-}
-
 /// Run one source until it fails for good or the shard drains.
 pub(crate) async fn run(ctx: Rc<ShardCtx>, cfg: SourceConfig, stats: Rc<SourceStats>) {
     let topic: Arc<str> = Arc::from(cfg.topic.as_str());
@@ -162,7 +143,7 @@ pub(crate) async fn run(ctx: Rc<ShardCtx>, cfg: SourceConfig, stats: Rc<SourceSt
                    "source gave up after reconnect_max_attempts consecutive failures");
             return;
         }
-        let delay = rng.below(cfg.backoff.cap(failures));
+        let delay = cfg.backoff.delay(failures, rng.next_u64());
         if failures == 1 {
             warn!(source = %cfg.name, error = %reason, "source disconnected; reconnecting");
         } else {

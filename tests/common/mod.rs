@@ -85,11 +85,10 @@ impl TestServer {
         self.server.as_mut().unwrap().reload_tls()
     }
 
-    /// Drain and stop (blocks until the shards exit).
-    pub fn shutdown(mut self) {
-        if let Some(s) = self.server.take() {
-            s.shutdown();
-        }
+    /// Drain and stop (blocks until the shards and sinks exit); returns the sinks' final
+    /// counters.
+    pub fn shutdown(mut self) -> Vec<wsedge::metrics::SinkSnapshot> {
+        self.server.take().map(|s| s.shutdown()).unwrap_or_default()
     }
 
     /// Poll the counters until `pred` holds (bounded by [`READ_TIMEOUT`]); panics otherwise.
@@ -239,6 +238,16 @@ impl Client {
         Self::upgrade(stream, path, protocols)
     }
 
+    /// Connect and upgrade with extra request headers; panics on failure.
+    pub fn connect_with_headers(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Self {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Self::upgrade_with(stream, path, &[], headers)
+            .expect("upgrade succeeds")
+            .0
+    }
+
     /// After the close handshake: true if the server then closed the TCP connection.
     pub fn server_closed_tcp(&mut self) -> bool {
         let mut b = [0u8; 64];
@@ -250,13 +259,23 @@ impl Client {
 impl<S: Read + Write> Client<S> {
     /// Upgrade an already connected stream (read timeout set by the caller).
     pub fn upgrade(
-        mut stream: S,
+        stream: S,
         path: &str,
         protocols: &[&str],
     ) -> Result<(Self, Option<String>), Refused> {
+        Self::upgrade_with(stream, path, protocols, &[])
+    }
+
+    /// [`Client::upgrade`] with extra request headers.
+    pub fn upgrade_with(
+        mut stream: S,
+        path: &str,
+        protocols: &[&str],
+        headers: &[(&str, &str)],
+    ) -> Result<(Self, Option<String>), Refused> {
         let key = generate_key(rand_bytes());
         let mut req = Vec::new();
-        write_client_request("127.0.0.1", path, &key, protocols, &[], &mut req);
+        write_client_request("127.0.0.1", path, &key, protocols, headers, &mut req);
         stream
             .write_all(&req)
             .map_err(|e| Refused::Io(e.to_string()))?;
@@ -491,6 +510,21 @@ impl Peer {
                         return None;
                     }
                 }
+            }
+        }
+    }
+
+    /// One read's worth of events, pings answered only in the protocol core's queue: the
+    /// caller decides when (or whether) the pongs go out with [`Peer::flush`]. None when
+    /// the connection ended.
+    pub fn read_events(&mut self) -> Option<Vec<Event>> {
+        let mut chunk = [0u8; 16 * 1024];
+        match self.stream.read(&mut chunk) {
+            Ok(0) | Err(_) => None,
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                self.conn.handle_input(&mut self.buf).ok()?;
+                Some(std::iter::from_fn(|| self.conn.poll_event()).collect())
             }
         }
     }
