@@ -72,10 +72,10 @@ TLSARGS=(--tls-ca "$OUT/ca.pem" --tls-server-name localhost)
 run() {
   local name=$1 pid=$2; shift 2
   local t0 t1 w0 w1
-  t0=$(cpu_ticks $(tree_pids "$pid")); w0=$(date +%s%N)
+  t0=$(cpu_ticks "$pid"); w0=$(date +%s%N)
   timeout 120 taskset -c "$LOAD_CPU" "$LOADGEN" "$@" --json "$OUT/$name.json" >"$OUT/$name.txt" 2>&1 \
     || log "run $name failed: see $OUT/$name.txt"
-  t1=$(cpu_ticks $(tree_pids "$pid")); w1=$(date +%s%N)
+  t1=$(cpu_ticks "$pid"); w1=$(date +%s%N)
   awk -v t=$((t1 - t0)) -v w=$((w1 - w0)) 'BEGIN{printf "%.1f\n", t*100/(w/1e7)}' >"$OUT/$name.cpu"
   sleep 1
 }

@@ -28,7 +28,7 @@ use bytes::{Buf as _, Bytes, BytesMut};
 
 use super::close::{CloseCode, encode_close_payload, parse_close_payload, truncate_reason};
 use super::error::{ProtoError, SendError};
-use super::frame::{FrameHeader, OpCode, decode_header, encode_frame};
+use super::frame::{FrameHeader, OpCode, decode_header, encode_frame, encode_header};
 use super::mask::apply_mask;
 use super::utf8::Utf8Validator;
 
@@ -120,12 +120,41 @@ struct FrameInProgress {
     fin: bool,
     opcode: OpCode,
     mask: Option<[u8; 4]>,
-    /// Payload length (already checked against the limits).
-    len: usize,
+    /// Payload length (already checked against the limits, which fit in 32 bits).
+    len: u32,
     /// Is the payload text (a text frame or a continuation of a text message)?
     text: bool,
     /// Payload bytes at the front of the buffer already unmasked and, for text, validated.
-    processed: usize,
+    processed: u32,
+}
+
+impl FrameInProgress {
+    fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    fn processed(&self) -> usize {
+        self.processed as usize
+    }
+}
+
+/// A close frame owed to the peer (see `Conn::deferred_close`): kept as what it answers, not
+/// as its bytes, so that it costs a few bytes in every connection.
+#[derive(Debug, Clone)]
+enum DeferredClose {
+    /// Answer the peer's close with its code (`None`: an empty close payload).
+    Answer(Option<CloseCode>),
+    /// Fail the connection after this protocol error: its close code and reason.
+    Fail(ProtoError),
+}
+
+impl DeferredClose {
+    fn parts(&self) -> (Option<CloseCode>, &'static str) {
+        match self {
+            Self::Answer(code) => (*code, ""),
+            Self::Fail(e) => (Some(e.close_code()), e.reason()),
+        }
+    }
 }
 
 /// Non-zero default for the client mask generator (xorshift64* must not be seeded with 0).
@@ -135,7 +164,10 @@ const DEFAULT_MASK_SEED: u64 = 0x9E37_79B9_7F4A_7C15;
 #[derive(Debug)]
 pub struct Conn {
     role: Role,
-    limits: Limits,
+    /// `Limits::max_frame_bytes` and `max_message_bytes`, capped at `u32::MAX` (32 bits:
+    /// this struct lives in every connection's task; the configuration caps both at 1 GiB).
+    max_frame: u32,
+    max_message: u32,
     state: State,
     /// RSV bits that negotiated extensions allow (none yet; permessage-deflate will add RSV1).
     allowed_rsv: u8,
@@ -153,13 +185,18 @@ pub struct Conn {
     /// UTF-8 state of the text message in progress.
     utf8: Utf8Validator,
     /// Bytes still missing to complete `current` (0 if no header is pending).
-    needed: usize,
+    needed: u32,
     /// Close frame owed to the peer, after a protocol error or as the answer to the peer's
     /// close, encoded at the next `poll_transmit` so that replies to messages decoded before
     /// the error or the close go out first (`None` code: an empty close payload).
-    deferred_close: Option<(Option<CloseCode>, &'static str)>,
+    deferred_close: Option<DeferredClose>,
     /// xorshift64* state for client masks.
     mask_state: u64,
+    /// Payloads queued by reference ([`Conn::send_shared`]), each to go out after the first
+    /// `at` bytes of `out`. Boxed: only connections that send large payloads have one, and
+    /// every idle connection's task carries this field (8 bytes instead of a `Vec`'s 24).
+    #[allow(clippy::box_collection)]
+    shared: Option<Box<Vec<(usize, Bytes)>>>,
 }
 
 impl Conn {
@@ -167,7 +204,8 @@ impl Conn {
     pub fn new(role: Role, limits: Limits) -> Self {
         Self {
             role,
-            limits,
+            max_frame: u32::try_from(limits.max_frame_bytes).unwrap_or(u32::MAX),
+            max_message: u32::try_from(limits.max_message_bytes).unwrap_or(u32::MAX),
             state: State::Open,
             allowed_rsv: 0,
             events: VecDeque::new(),
@@ -179,6 +217,7 @@ impl Conn {
             needed: 0,
             deferred_close: None,
             mask_state: DEFAULT_MASK_SEED,
+            shared: None,
         }
     }
 
@@ -253,6 +292,61 @@ impl Conn {
         Ok(())
     }
 
+    /// Queue one unfragmented message whose payload goes out by reference, without a copy
+    /// (a received message echoed or relayed as is): only the header is encoded. Take the
+    /// output with [`Conn::poll_transmit_frames`] (a vectored write); `poll_transmit` still
+    /// works but copies. In the client role frames are masked, which needs a copy anyway, so
+    /// this is [`Conn::send`].
+    ///
+    /// # Errors
+    /// As [`Conn::send`].
+    pub fn send_shared(&mut self, kind: MessageKind, payload: Bytes) -> Result<(), SendError> {
+        if self.role == Role::Client {
+            return self.send(kind, &payload);
+        }
+        self.ensure_open()?;
+        let opcode = match kind {
+            MessageKind::Text => OpCode::Text,
+            MessageKind::Binary => OpCode::Binary,
+        };
+        encode_header(true, opcode, payload.len(), None, &mut self.out);
+        let at = self.out.len();
+        self.shared
+            .get_or_insert_with(Default::default)
+            .push((at, payload));
+        Ok(())
+    }
+
+    /// True if payloads queued by reference wait for [`Conn::poll_transmit_frames`].
+    pub fn has_shared(&self) -> bool {
+        self.shared.as_ref().is_some_and(|s| !s.is_empty())
+    }
+
+    /// Move everything queued into `frames`, in wire order, without copying payloads queued
+    /// by [`Conn::send_shared`]: the encoded bytes become shared slices of one buffer, the
+    /// payloads are passed on as they are. Returns the number of bytes moved.
+    pub fn poll_transmit_frames(&mut self, frames: &mut Vec<Bytes>) -> usize {
+        if let Some(d) = self.deferred_close.take() {
+            let (code, reason) = d.parts();
+            self.queue_close(code, reason);
+        }
+        let own = Bytes::from(std::mem::take(&mut self.out));
+        let mut n = own.len();
+        let mut from = 0;
+        for (at, payload) in self.shared.iter_mut().flat_map(|s| s.drain(..)) {
+            if at > from {
+                frames.push(own.slice(from..at));
+            }
+            n += payload.len();
+            frames.push(payload);
+            from = at;
+        }
+        if own.len() > from {
+            frames.push(own.slice(from..));
+        }
+        n
+    }
+
     /// Queue a ping.
     ///
     /// # Errors
@@ -293,8 +387,16 @@ impl Conn {
         // Count a deferred close frame (header, mask key in the client role, code, reason) so
         // callers know to flush it.
         let mask_len = if self.role == Role::Client { 4 } else { 0 };
+        let shared: usize = self
+            .shared
+            .iter()
+            .flat_map(|s| s.iter())
+            .map(|(_, p)| p.len())
+            .sum();
         self.out.len()
-            + self.deferred_close.map_or(0, |(code, reason)| {
+            + shared
+            + self.deferred_close.as_ref().map_or(0, |d| {
+                let (code, reason) = d.parts();
                 2 + mask_len + code.map_or(0, |_| 2 + truncate_reason(reason).len())
             })
     }
@@ -303,8 +405,19 @@ impl Conn {
     /// (no copy; the connection keeps `out`'s old allocation for future frames), otherwise
     /// the bytes are appended. Returns the number of bytes moved.
     pub fn poll_transmit(&mut self, out: &mut Vec<u8>) -> usize {
-        if let Some((code, reason)) = self.deferred_close.take() {
+        if let Some(d) = self.deferred_close.take() {
+            let (code, reason) = d.parts();
             self.queue_close(code, reason);
+        }
+        if self.has_shared() {
+            // The copying fallback: interleave the shared payloads into `out`.
+            let mut frames = Vec::new();
+            let n = self.poll_transmit_frames(&mut frames);
+            out.reserve(n);
+            for f in frames {
+                out.extend_from_slice(&f);
+            }
+            return n;
         }
         let n = self.out.len();
         if out.is_empty() {
@@ -320,7 +433,7 @@ impl Conn {
     /// parsed; 0 if no header is pending (unknown). A read-size hint: after `handle_input`
     /// returns, `buf.reserve(conn.bytes_needed())` lets the next read complete the frame.
     pub fn bytes_needed(&self) -> usize {
-        self.needed
+        self.needed as usize
     }
 
     /// The current lifecycle state.
@@ -333,9 +446,12 @@ impl Conn {
         self.role
     }
 
-    /// The limits this connection enforces.
-    pub fn limits(&self) -> &Limits {
-        &self.limits
+    /// The limits this connection enforces (as given, capped at `u32::MAX` bytes).
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_frame_bytes: self.max_frame as usize,
+            max_message_bytes: self.max_message as usize,
+        }
     }
 
     /// The decode loop; any error fails the connection (see `handle_input`).
@@ -353,25 +469,26 @@ impl Conn {
                     frame
                 }
             };
-            if buf.len() < frame.len {
+            if buf.len() < frame.len() {
                 // Incomplete payload. Unmask and validate the new text bytes now, so that
                 // invalid UTF-8 fails fast (Autobahn 6.4.3/6.4.4 send one frame in chops).
-                if frame.text && buf.len() > frame.processed {
-                    let fresh = &mut buf[frame.processed..];
+                if frame.text && buf.len() > frame.processed() {
+                    let fresh = &mut buf[frame.processed()..];
                     if let Some(key) = frame.mask {
-                        apply_mask(fresh, key, frame.processed);
+                        apply_mask(fresh, key, frame.processed());
                     }
                     self.utf8.feed(fresh).map_err(|_| ProtoError::InvalidUtf8)?;
-                    frame.processed = buf.len();
+                    // `buf.len() < frame.len`, a u32.
+                    frame.processed = buf.len() as u32;
                 }
-                self.needed = frame.len - buf.len();
+                self.needed = frame.len - buf.len() as u32;
                 self.current = Some(frame);
                 return Ok(());
             }
-            let mut payload = buf.split_to(frame.len);
+            let mut payload = buf.split_to(frame.len());
             if let Some(key) = frame.mask {
                 // `processed <= len` always holds: it only grows while `buf.len() < len`.
-                apply_mask(&mut payload[frame.processed..], key, frame.processed);
+                apply_mask(&mut payload[frame.processed()..], key, frame.processed());
             }
             self.on_frame(frame, payload)?;
             if self.state == State::Closed {
@@ -401,7 +518,7 @@ impl Conn {
             }
             false
         } else {
-            if header.payload_len > self.limits.max_frame_bytes as u64 {
+            if header.payload_len > u64::from(self.max_frame) {
                 return Err(ProtoError::FrameTooLarge);
             }
             // Bytes of this message already buffered by earlier fragments.
@@ -412,7 +529,7 @@ impl Conn {
                 (_, None) => 0,
             };
             // `payload_len <= max_frame_bytes` (a usize), so the cast is lossless.
-            let room = self.limits.max_message_bytes.saturating_sub(buffered);
+            let room = (self.max_message as usize).saturating_sub(buffered);
             if header.payload_len as usize > room {
                 return Err(ProtoError::MessageTooLarge);
             }
@@ -429,7 +546,8 @@ impl Conn {
             fin: header.fin,
             opcode,
             mask: header.mask,
-            len: header.payload_len as usize,
+            // `payload_len <= max_frame`, a u32.
+            len: header.payload_len as u32,
             text,
             processed: 0,
         })
@@ -460,7 +578,7 @@ impl Conn {
     /// A complete data frame (first, middle or last fragment, or a whole message).
     fn on_data(&mut self, frame: FrameInProgress, payload: BytesMut) -> Result<(), ProtoError> {
         if frame.text {
-            let rest = &payload[frame.processed..];
+            let rest = &payload[frame.processed()..];
             let single = frame.fin && frame.opcode == OpCode::Text && frame.processed == 0;
             let valid = if single {
                 // A whole message in one piece: one fast pass, no validator state.
@@ -511,7 +629,7 @@ impl Conn {
         if self.state == State::Open {
             // Answer with the same code, after the replies to messages decoded before it.
             self.state = State::CloseReceived;
-            self.deferred_close = Some((code, ""));
+            self.deferred_close = Some(DeferredClose::Answer(code));
         }
         self.state = State::Closed;
         let reason = if payload.len() > 2 {
@@ -526,7 +644,7 @@ impl Conn {
     /// Fail the connection after a protocol error.
     fn fail(&mut self, err: &ProtoError) {
         if self.state == State::Open {
-            self.deferred_close = Some((Some(err.close_code()), err.reason()));
+            self.deferred_close = Some(DeferredClose::Fail(err.clone()));
         }
         self.state = State::Failed;
         self.current = None;
@@ -546,7 +664,7 @@ impl Conn {
                 .assembly
                 .capacity()
                 .saturating_mul(2)
-                .min(self.limits.max_message_bytes);
+                .min(self.max_message as usize);
             self.assembly.reserve_exact(needed.max(doubled) - len);
         }
         self.assembly.extend_from_slice(fragment);
@@ -1054,6 +1172,42 @@ mod tests {
         assert_eq!(out, [0x81, 0x02, b'h', b'i', 0x88, 0x02, 0x03, 0xe8]);
         // Once the close is out, nothing more.
         assert_eq!(s.send(MessageKind::Text, b"x"), Err(SendError::Closed));
+    }
+
+    #[test]
+    fn shared_payloads_go_out_in_order_without_a_copy() {
+        let mut s = server();
+        let big = Bytes::from(vec![9u8; 300]);
+        s.send(MessageKind::Text, b"a").unwrap();
+        s.send_shared(MessageKind::Binary, big.clone()).unwrap();
+        s.send_ping(b"p").unwrap();
+        s.send_shared(MessageKind::Text, Bytes::from_static(b"tail"))
+            .unwrap();
+        s.close(CloseCode::NORMAL, "").unwrap();
+        assert!(s.has_shared());
+        let wire_len = s.pending_transmit();
+        let mut frames = Vec::new();
+        assert_eq!(s.poll_transmit_frames(&mut frames), wire_len);
+        // The 300-byte payload is the caller's buffer itself.
+        assert!(frames.iter().any(|f| f.as_ptr() == big.as_ptr()));
+        let wire: Vec<u8> = frames.concat();
+        let mut c = client();
+        let mut buf = BytesMut::from(&wire[..]);
+        c.handle_input(&mut buf).unwrap();
+        let evs = events(&mut c);
+        assert_eq!(evs.len(), 5, "{evs:?}");
+        assert_eq!(evs[1], msg(MessageKind::Binary, &big));
+        assert_eq!(evs[3], msg(MessageKind::Text, b"tail"));
+        assert!(!s.has_shared());
+        assert_eq!(s.pending_transmit(), 0);
+        // The copying fallback produces the same bytes.
+        let mut s2 = server();
+        s2.send(MessageKind::Text, b"a").unwrap();
+        s2.send_shared(MessageKind::Binary, big.clone()).unwrap();
+        let mut out = Vec::new();
+        s2.poll_transmit(&mut out);
+        assert_eq!(out.len(), 3 + 4 + 300);
+        assert_eq!(&out[7..], &big[..]);
     }
 
     #[test]

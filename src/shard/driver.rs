@@ -55,6 +55,10 @@ const LINGER: Duration = Duration::from_secs(1);
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// ...and at most this many frames (iovecs; the kernel's IOV_MAX is 1024).
 const MAX_BATCH_FRAMES: usize = 512;
+/// Echoed payloads of at least this size go out by reference (a vectored write of header
+/// and payload) instead of being copied into the output buffer; below it the copy is
+/// cheaper than the extra iovec and holding on to the read buffer.
+const SHARE_MIN: usize = 4096;
 
 /// Drive one accepted connection to its end.
 ///
@@ -382,8 +386,10 @@ async fn handshake(ctx: &ShardCtx, listener_idx: usize, stream: &Stream) -> Opti
     // One deadline for the TLS handshake and the upgrade request together.
     let deadline = Instant::now() + cfg.handshake_timeout;
     if let Some(config) = tls {
-        match compio::time::timeout(cfg.handshake_timeout, accept_tls(stream.tcp(), &config)).await
-        {
+        // Boxed: the TLS handshake's state (a rustls connection) is large, and would
+        // otherwise be part of every connection's handshake box, TLS or not.
+        let tls_accept = Box::pin(accept_tls(stream.tcp(), &config));
+        match compio::time::timeout(cfg.handshake_timeout, tls_accept).await {
             Err(_elapsed) => {
                 ctx.metrics.on_handshake_failure(HandshakeFailure::Timeout);
                 return None;
@@ -733,8 +739,17 @@ fn websocket<'a>(
                                 }
                             }
                             match (route.kind, fan.as_deref()) {
-                                (RouteKind::Echo, _) if conn.send(kind, &data).is_ok() => {
-                                    metrics.on_message_out(data.len());
+                                (RouteKind::Echo, _) => {
+                                    let n = data.len();
+                                    // TLS copies into records anyway: no point in sharing.
+                                    let sent = if n >= SHARE_MIN && stream.tls().is_none() {
+                                        conn.send_shared(kind, data)
+                                    } else {
+                                        conn.send(kind, &data)
+                                    };
+                                    if sent.is_ok() {
+                                        metrics.on_message_out(n);
+                                    }
                                 }
                                 (RouteKind::Publish | RouteKind::PubSub, Some(f)) => {
                                     ctx.publish(&f.topic, kind, &data);
@@ -778,7 +793,12 @@ fn websocket<'a>(
             //    own output first, then broadcast frames (only while open: nothing may follow
             //    our close frame).
             if write_fut.is_terminated() && !io_failed {
-                if conn.pending_transmit() > 0 {
+                if conn.has_shared() {
+                    // Large echoes: header and payload by reference, one vectored write.
+                    let mut f = Vec::new();
+                    conn.poll_transmit_frames(&mut f);
+                    write_fut = write_op(stream, WriteBuf::Frames(f)).boxed_local().fuse();
+                } else if conn.pending_transmit() > 0 {
                     // Invariant: `out` is only absent while a write is in flight.
                     let mut o = out.take().expect("out buffer present");
                     conn.poll_transmit(&mut o);

@@ -235,12 +235,7 @@ impl Tls {
     async fn write(&self, tcp: &TcpStream, parts: &[&[u8]]) -> io::Result<()> {
         let mut out = self.cipher_out.take().unwrap_or_default();
         out.clear();
-        let encrypted = {
-            let mut c = self.conn.borrow_mut();
-            parts
-                .iter()
-                .try_for_each(|p| tls::encrypt(&mut c, p, &mut out))
-        };
+        let encrypted = tls::encrypt_vectored(&mut self.conn.borrow_mut(), parts, &mut out);
         let res = match encrypted {
             Ok(()) => {
                 let mut s = tcp;
