@@ -26,5 +26,5 @@ for ((r = 1; r <= ROUNDS; r++)); do
   echo "$wbr $wlr" >>"$OUT/pairs.txt"
   sleep 1
 done
-awk '{r[NR] = $2 / $1} END {n = asort(r); m = (n % 2) ? r[(n + 1) / 2] : (r[n / 2] + r[n / 2 + 1]) / 2; printf "median ratio wsedge-load / wsbench: %.2fx\n", m}' "$OUT/pairs.txt"
+python3 -c "import statistics,sys; r=[float(b)/float(a) for a,b in (l.split() for l in open(sys.argv[1]))]; print('median ratio wsedge-load / wsbench: %.2fx (rounds: %s)' % (statistics.median(r), ', '.join('%.2f' % x for x in r)))" "$OUT/pairs.txt"
 cleanup

@@ -294,7 +294,7 @@ pub fn worker(
 ) -> BroadcastStats {
     // A worker without a runtime cannot run: its panic ends the run with "a worker died while
     // connecting" (as in the echo scenario).
-    let rt = compio::runtime::Runtime::new().expect("runtime builds");
+    let (rt, _) = wsedge::shard::thread_runtime().expect("runtime builds");
     rt.block_on(async move {
         let stats = Rc::new(RefCell::new(WorkerStats::new()));
         let tally = Rc::new(RefCell::new(Tally::default()));

@@ -53,7 +53,7 @@ pub fn worker(
     live: Arc<Live>,
     start: Instant,
 ) -> WorkerStats {
-    let rt = compio::runtime::Runtime::new().expect("runtime builds");
+    let (rt, _) = wsedge::shard::thread_runtime().expect("runtime builds");
     rt.block_on(async move {
         let stats = Rc::new(RefCell::new(WorkerStats::new()));
         let ramp_end = start + params.ramp();

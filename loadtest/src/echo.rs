@@ -68,7 +68,7 @@ pub fn worker(
     connected: std::sync::mpsc::Sender<()>,
     timing: Arc<OnceLock<Timing>>,
 ) -> WorkerStats {
-    let rt = compio::runtime::Runtime::new().expect("runtime builds");
+    let (rt, _) = wsedge::shard::thread_runtime().expect("runtime builds");
     rt.block_on(async move {
         let stats = Rc::new(RefCell::new(WorkerStats::new()));
         let mut clients = Vec::with_capacity(n_conns);

@@ -258,7 +258,7 @@ pub fn worker(
 ) -> IngestStats {
     // A worker without a runtime cannot run: its panic ends the run with "a worker died while
     // connecting" (as in the echo scenario).
-    let rt = compio::runtime::Runtime::new().expect("runtime builds");
+    let (rt, _) = wsedge::shard::thread_runtime().expect("runtime builds");
     rt.block_on(async move {
         let stats = Rc::new(RefCell::new(IngestStats::new()));
         let mut clients = Vec::with_capacity(n_conns);

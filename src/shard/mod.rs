@@ -81,6 +81,25 @@ impl Backend {
     }
 }
 
+/// A compio runtime for the calling thread, configured as a shard's: io_uring with
+/// SINGLE_ISSUER, COOP_TASKRUN and DEFER_TASKRUN (see [`Backend`]), or epoll where io_uring
+/// cannot be set up. For tools that drive connections on the same runtime as the shards
+/// (`wsedge-load`); without these flags every completion interrupts the thread with a
+/// reschedule IPI (measured: a quarter of a saturated client's CPU). Build it on the thread
+/// that uses it: a SINGLE_ISSUER ring may only be entered by the thread that created it.
+///
+/// # Errors
+/// Neither backend could be built.
+pub fn thread_runtime() -> std::io::Result<(compio::runtime::Runtime, Backend)> {
+    let build = |b: Backend| {
+        compio::runtime::RuntimeBuilder::new()
+            .with_proactor(b.proactor())
+            .build()
+            .map(|rt| (rt, b))
+    };
+    build(Backend::IoUring).or_else(|_| build(Backend::Epoll))
+}
+
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
