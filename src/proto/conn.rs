@@ -21,14 +21,26 @@
 //! buffer until the whole frame is there ([`Conn::bytes_needed`] says how much is missing);
 //! text payload that has already arrived is unmasked and validated immediately, so invalid
 //! UTF-8 fails fast even inside one large frame.
+//!
+//! # permessage-deflate
+//! After [`Conn::set_deflate`] (the extension was negotiated), RSV1 on the first frame of a
+//! data message marks it compressed (RSV1 on a control or continuation frame is still
+//! 1002). A compressed frame's payload is not kept in the caller's buffer until it is
+//! complete: each arriving piece is unmasked, inflated into the message buffer (never beyond
+//! `max_message_bytes + 1` bytes, see [`super::deflate`]) and consumed, and text is validated
+//! as it is inflated. [`Conn::send_compressed`] compresses outgoing messages above the
+//! threshold with a caller-provided [`Compressor`] (one per thread, no context takeover).
 
 use std::collections::VecDeque;
 
 use bytes::{Buf as _, Bytes, BytesMut};
 
 use super::close::{CloseCode, encode_close_payload, parse_close_payload, truncate_reason};
+use super::deflate::{Compressor, ConnDeflate, DeflateParams, DeflateStats};
 use super::error::{ProtoError, SendError};
-use super::frame::{FrameHeader, OpCode, decode_header, encode_frame, encode_header};
+use super::frame::{
+    FrameHeader, OpCode, decode_header, encode_compressed_frame, encode_frame, encode_header,
+};
 use super::mask::apply_mask;
 use super::utf8::Utf8Validator;
 
@@ -124,7 +136,10 @@ struct FrameInProgress {
     len: u32,
     /// Is the payload text (a text frame or a continuation of a text message)?
     text: bool,
-    /// Payload bytes at the front of the buffer already unmasked and, for text, validated.
+    /// Is the payload compressed (part of a message whose first frame had RSV1)?
+    compressed: bool,
+    /// Uncompressed frames: payload bytes at the front of the buffer already unmasked and,
+    /// for text, validated. Compressed frames: payload bytes already inflated and consumed.
     processed: u32,
 }
 
@@ -169,7 +184,7 @@ pub struct Conn {
     max_frame: u32,
     max_message: u32,
     state: State,
-    /// RSV bits that negotiated extensions allow (none yet; permessage-deflate will add RSV1).
+    /// RSV bits that negotiated extensions allow (RSV1 with permessage-deflate).
     allowed_rsv: u8,
     /// Events not yet taken by `poll_event`.
     events: VecDeque<Event>,
@@ -197,6 +212,9 @@ pub struct Conn {
     /// every idle connection's task carries this field (8 bytes instead of a `Vec`'s 24).
     #[allow(clippy::box_collection)]
     shared: Option<Box<Vec<(usize, Bytes)>>>,
+    /// permessage-deflate state, only on connections that negotiated it (boxed: 8 bytes in
+    /// every other connection).
+    deflate: Option<Box<ConnDeflate>>,
 }
 
 impl Conn {
@@ -218,7 +236,39 @@ impl Conn {
             deferred_close: None,
             mask_state: DEFAULT_MASK_SEED,
             shared: None,
+            deflate: None,
         }
+    }
+
+    /// Turn on permessage-deflate with the parameters agreed in the handshake
+    /// ([`super::deflate::negotiate`] or [`super::deflate::accept_response`]): RSV1 marks
+    /// compressed messages from now on, and [`Conn::send_compressed`] compresses messages of
+    /// at least `threshold_bytes`. Call it before the first `handle_input`.
+    pub fn set_deflate(&mut self, params: &DeflateParams, threshold_bytes: usize) {
+        self.allowed_rsv = 0b100;
+        self.deflate = Some(Box::new(ConnDeflate::new(
+            params,
+            self.role == Role::Server,
+            threshold_bytes,
+        )));
+    }
+
+    /// Was permessage-deflate negotiated ([`Conn::set_deflate`])?
+    pub fn deflate_enabled(&self) -> bool {
+        self.deflate.is_some()
+    }
+
+    /// The compression counters since the last call (reset by taking them); `None` without
+    /// permessage-deflate or when nothing was compressed or inflated since.
+    pub fn take_deflate_stats(&mut self) -> Option<DeflateStats> {
+        let d = self.deflate.as_deref_mut()?;
+        (d.stats != DeflateStats::default()).then(|| std::mem::take(&mut d.stats))
+    }
+
+    /// Is an inflate state held right now (a compressed message is being received, or the
+    /// peer keeps its compression context)? For memory accounting and tests.
+    pub fn holds_inflate_state(&self) -> bool {
+        self.deflate.as_ref().is_some_and(|d| d.holds_inflater())
     }
 
     /// Client role only: seed for the frame-mask generator (xorshift64*; the protocol core has
@@ -290,6 +340,44 @@ impl Conn {
         let mask = self.next_mask();
         encode_frame(true, opcode, payload, mask, &mut self.out);
         Ok(())
+    }
+
+    /// Queue one unfragmented message, compressed with `z` if permessage-deflate was
+    /// negotiated, the payload has at least the threshold's bytes, the peer allows a window
+    /// `z` can compress with, and compression makes it smaller; otherwise as [`Conn::send`].
+    /// Returns whether it went out compressed.
+    ///
+    /// # Errors
+    /// As [`Conn::send`].
+    pub fn send_compressed(
+        &mut self,
+        kind: MessageKind,
+        payload: &[u8],
+        z: &mut Compressor,
+    ) -> Result<bool, SendError> {
+        self.ensure_open()?;
+        let window = self
+            .deflate
+            .as_deref()
+            .filter(|d| payload.len() >= d.threshold as usize)
+            .and_then(|d| d.out_window);
+        let Some(compressed) = window.and_then(|w| z.compress(payload, w)) else {
+            self.send(kind, payload)?;
+            return Ok(false);
+        };
+        let opcode = match kind {
+            MessageKind::Text => OpCode::Text,
+            MessageKind::Binary => OpCode::Binary,
+        };
+        let mask = self.next_mask();
+        encode_compressed_frame(opcode, compressed, mask, &mut self.out);
+        // Invariant: `window` is only `Some` with a deflate state.
+        if let Some(d) = self.deflate.as_deref_mut() {
+            d.stats.compressed += 1;
+            d.stats.compressed_in += payload.len() as u64;
+            d.stats.compressed_out += compressed.len() as u64;
+        }
+        Ok(true)
     }
 
     /// Queue one unfragmented message whose payload goes out by reference, without a copy
@@ -469,6 +557,27 @@ impl Conn {
                     frame
                 }
             };
+            if frame.compressed {
+                // Inflate whatever has arrived and consume it (bounded by max_message_bytes
+                // however little of the frame is there).
+                let take = buf.len().min(frame.len() - frame.processed());
+                if take > 0 {
+                    if let Some(key) = frame.mask {
+                        apply_mask(&mut buf[..take], key, frame.processed());
+                    }
+                    self.inflate(&buf[..take], frame.text, false)?;
+                    buf.advance(take);
+                    // `processed + take <= len`, a u32.
+                    frame.processed += take as u32;
+                }
+                if frame.processed < frame.len {
+                    self.needed = frame.len - frame.processed;
+                    self.current = Some(frame);
+                    return Ok(());
+                }
+                self.on_compressed_frame(frame)?;
+                continue;
+            }
             if buf.len() < frame.len() {
                 // Incomplete payload. Unmask and validate the new text bytes now, so that
                 // invalid UTF-8 fails fast (Autobahn 6.4.3/6.4.4 send one frame in chops).
@@ -502,6 +611,8 @@ impl Conn {
         if header.rsv & !self.allowed_rsv != 0 {
             return Err(ProtoError::ReservedBits);
         }
+        // Only possible with permessage-deflate (RSV1 is allowed then).
+        let rsv1 = header.rsv != 0;
         let opcode =
             OpCode::from_u8(header.opcode).ok_or(ProtoError::UnknownOpcode(header.opcode))?;
         match (self.role, header.mask.is_some()) {
@@ -509,7 +620,12 @@ impl Conn {
             (Role::Client, true) => return Err(ProtoError::MaskedServerFrame),
             _ => {}
         }
+        let mut compressed = false;
         let text = if opcode.is_control() {
+            if rsv1 {
+                // RFC 7692 6.1: control frames are never compressed.
+                return Err(ProtoError::ReservedBits);
+            }
             if !header.fin {
                 return Err(ProtoError::FragmentedControl);
             }
@@ -528,9 +644,20 @@ impl Conn {
                 (_, Some(_)) => return Err(ProtoError::ExpectedContinuation),
                 (_, None) => 0,
             };
-            // `payload_len <= max_frame_bytes` (a usize), so the cast is lossless.
+            compressed = match (opcode, self.deflate.as_deref_mut()) {
+                // RFC 7692 6.1: only the first frame of a message carries RSV1.
+                (OpCode::Continuation, _) if rsv1 => return Err(ProtoError::ReservedBits),
+                (OpCode::Continuation, d) => d.is_some_and(|d| d.receiving),
+                (_, Some(d)) => {
+                    d.receiving = rsv1;
+                    rsv1
+                }
+                (_, None) => false,
+            };
+            // `payload_len <= max_frame_bytes` (a usize), so the cast is lossless. Compressed
+            // frames are bounded by what they inflate to instead (checked while inflating).
             let room = (self.max_message as usize).saturating_sub(buffered);
-            if header.payload_len as usize > room {
+            if !compressed && header.payload_len as usize > room {
                 return Err(ProtoError::MessageTooLarge);
             }
             match opcode {
@@ -549,8 +676,54 @@ impl Conn {
             // `payload_len <= max_frame`, a u32.
             len: header.payload_len as u32,
             text,
+            compressed,
             processed: 0,
         })
+    }
+
+    /// Inflate the next piece of the compressed message in progress (`tail`: its end) into
+    /// the reassembly buffer, validating text as it appears.
+    fn inflate(&mut self, input: &[u8], text: bool, tail: bool) -> Result<(), ProtoError> {
+        // Invariant: frames are only marked compressed with a deflate state.
+        let Some(d) = self.deflate.as_deref_mut() else {
+            return Err(ProtoError::ReservedBits);
+        };
+        let utf8 = text.then_some(&mut self.utf8);
+        d.inflate(
+            input,
+            tail,
+            &mut self.assembly,
+            self.max_message as usize,
+            utf8,
+        )
+    }
+
+    /// A compressed frame whose payload has been inflated: remember the message's kind, or
+    /// at its final frame finish inflating and deliver it.
+    fn on_compressed_frame(&mut self, frame: FrameInProgress) -> Result<(), ProtoError> {
+        let kind = match (frame.opcode, self.fragmented) {
+            (OpCode::Text, _) => MessageKind::Text,
+            (OpCode::Binary, _) => MessageKind::Binary,
+            (_, Some(kind)) => kind,
+            (_, None) => return Err(ProtoError::UnexpectedContinuation),
+        };
+        if !frame.fin {
+            self.fragmented = Some(kind);
+            return Ok(());
+        }
+        self.inflate(&[], frame.text, true)?;
+        if frame.text && self.utf8.finish().is_err() {
+            return Err(ProtoError::InvalidUtf8);
+        }
+        self.fragmented = None;
+        let data = Bytes::from(std::mem::take(&mut self.assembly));
+        if let Some(d) = self.deflate.as_deref_mut() {
+            d.finish_message(data.len());
+        }
+        if matches!(self.state, State::Open | State::CloseSent) {
+            self.events.push_back(Event::Message { kind, data });
+        }
+        Ok(())
     }
 
     /// A complete, unmasked frame.
@@ -626,6 +799,9 @@ impl Conn {
         self.fragmented = None;
         self.assembly = Vec::new();
         self.utf8.reset();
+        if let Some(d) = self.deflate.as_deref_mut() {
+            d.abandon_message();
+        }
         if self.state == State::Open {
             // Answer with the same code, after the replies to messages decoded before it.
             self.state = State::CloseReceived;
@@ -652,6 +828,9 @@ impl Conn {
         self.assembly = Vec::new();
         self.utf8.reset();
         self.needed = 0;
+        if let Some(d) = self.deflate.as_deref_mut() {
+            d.abandon_message();
+        }
     }
 
     /// Append a fragment to the reassembly buffer, growing it geometrically but never beyond
@@ -1424,6 +1603,368 @@ mod tests {
         assert_eq!(c0.pending_transmit(), 7);
     }
 
+    // ---- permessage-deflate ----
+
+    use crate::proto::deflate::{Compressor, DeflateParams};
+
+    fn nct() -> DeflateParams {
+        DeflateParams {
+            server_no_context_takeover: true,
+            client_no_context_takeover: true,
+            ..DeflateParams::default()
+        }
+    }
+
+    fn deflate_server(params: DeflateParams, limits: Limits) -> Conn {
+        let mut s = Conn::new(Role::Server, limits);
+        s.set_deflate(&params, 0);
+        s
+    }
+
+    fn deflate_client(params: DeflateParams) -> Conn {
+        let mut c = client();
+        c.set_deflate(&params, 0);
+        c
+    }
+
+    /// A raw-deflate compressor that keeps its context between messages when `takeover`
+    /// (what a browser does without client_no_context_takeover).
+    struct PeerDeflate {
+        z: flate2::Compress,
+        takeover: bool,
+    }
+
+    impl PeerDeflate {
+        fn new(takeover: bool) -> Self {
+            Self {
+                z: flate2::Compress::new(flate2::Compression::new(6), false),
+                takeover,
+            }
+        }
+
+        fn compress(&mut self, data: &[u8]) -> Vec<u8> {
+            if !self.takeover {
+                self.z.reset();
+            }
+            let mut out = Vec::with_capacity(data.len() + 64);
+            let mut input = data;
+            loop {
+                let before = self.z.total_in();
+                self.z
+                    .compress_vec(input, &mut out, flate2::FlushCompress::Sync)
+                    .unwrap();
+                input = &input[(self.z.total_in() - before) as usize..];
+                if input.is_empty() && out.len() < out.capacity() {
+                    break;
+                }
+                out.reserve(out.capacity());
+            }
+            assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+            out.truncate(out.len() - 4);
+            out
+        }
+    }
+
+    /// Masked client frames of one compressed message: `compressed` split into `pieces`
+    /// frames, RSV1 on the first only.
+    fn compressed_frames(op: OpCode, compressed: &[u8], pieces: usize) -> Vec<u8> {
+        let step = compressed.len() / pieces.max(1) + 1;
+        let chunks: Vec<&[u8]> = if compressed.is_empty() {
+            vec![&[]]
+        } else {
+            compressed.chunks(step).collect()
+        };
+        let mut wire = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            let (rsv, opcode) = if i == 0 { (0b100, op.as_u8()) } else { (0, 0) };
+            wire.extend(raw(i + 1 == chunks.len(), rsv, opcode, c, Some(KEY)));
+        }
+        wire
+    }
+
+    #[test]
+    fn deflate_round_trips_with_and_without_context_takeover() {
+        let texts: Vec<String> = (0..5)
+            .map(|i| format!("{{\"seq\":{i},\"symbol\":\"BTC-USD\",\"price\":43125.5}}").repeat(30))
+            .collect();
+        for takeover in [false, true] {
+            let params = DeflateParams {
+                client_no_context_takeover: !takeover,
+                ..nct()
+            };
+            let mut peer = PeerDeflate::new(takeover);
+            let mut wire = Vec::new();
+            let mut sizes = Vec::new();
+            for t in &texts {
+                let z = peer.compress(t.as_bytes());
+                sizes.push(z.len());
+                wire.extend(compressed_frames(OpCode::Text, &z, 1));
+            }
+            if takeover {
+                // The later messages refer back to the first one.
+                assert!(sizes[4] < sizes[0] / 2, "{sizes:?}");
+            }
+            for chunk in [1, 7, 100, wire.len()] {
+                let mut s = deflate_server(params, Limits::default());
+                feed(&mut s, &wire, chunk).unwrap();
+                let expected: Vec<Event> = texts
+                    .iter()
+                    .map(|t| msg(MessageKind::Text, t.as_bytes()))
+                    .collect();
+                assert_eq!(
+                    events(&mut s),
+                    expected,
+                    "takeover {takeover} chunk {chunk}"
+                );
+                // The inflate state outlives a message only with context takeover.
+                assert_eq!(s.holds_inflate_state(), takeover);
+                let st = s.take_deflate_stats().unwrap();
+                assert_eq!(st.inflated, 5);
+                assert_eq!(
+                    st.inflated_out,
+                    texts.iter().map(|t| t.len() as u64).sum::<u64>()
+                );
+                assert_eq!(s.take_deflate_stats(), None);
+            }
+        }
+    }
+
+    #[test]
+    fn fragmented_compressed_messages_with_interleaved_control_frames() {
+        let text = "κόσμε and some ascii, ".repeat(200);
+        let z = PeerDeflate::new(false).compress(text.as_bytes());
+        for pieces in [2, 3, 10, z.len()] {
+            let frames = compressed_frames(OpCode::Text, &z, pieces);
+            // A ping after the first fragment.
+            let (h, hlen) = decode_header(&frames).unwrap().unwrap();
+            let first = hlen + h.payload_len as usize;
+            let mut wire = frames[..first].to_vec();
+            wire.extend(cf(true, OpCode::Ping, b"p"));
+            wire.extend_from_slice(&frames[first..]);
+            // An uncompressed message right after.
+            wire.extend(cf(true, OpCode::Binary, b"plain"));
+            for chunk in [1, 5, 64, wire.len()] {
+                let mut s = deflate_server(nct(), Limits::default());
+                feed(&mut s, &wire, chunk).unwrap();
+                assert_eq!(
+                    events(&mut s),
+                    [
+                        Event::Ping(Bytes::from_static(b"p")),
+                        msg(MessageKind::Text, text.as_bytes()),
+                        msg(MessageKind::Binary, b"plain"),
+                    ],
+                    "pieces {pieces} chunk {chunk}"
+                );
+                assert!(!s.holds_inflate_state());
+            }
+        }
+    }
+
+    #[test]
+    fn decompression_bomb_fails_with_1009_within_the_limit() {
+        // 256 MiB of zeros in ~250 KB of deflate.
+        let mut z = flate2::Compress::new(flate2::Compression::new(9), false);
+        let zeros = vec![0u8; 1 << 20];
+        let mut bomb = Vec::with_capacity(1 << 20);
+        for i in 0..256 {
+            let flush = if i == 255 {
+                flate2::FlushCompress::Sync
+            } else {
+                flate2::FlushCompress::None
+            };
+            let mut input = &zeros[..];
+            while !input.is_empty() || flush == flate2::FlushCompress::Sync {
+                let before = z.total_in();
+                bomb.reserve(4096);
+                z.compress_vec(input, &mut bomb, flush).unwrap();
+                input = &input[(z.total_in() - before) as usize..];
+                if input.is_empty() && bomb.len() < bomb.capacity() {
+                    break;
+                }
+            }
+        }
+        bomb.truncate(bomb.len() - 4);
+        assert!(bomb.len() < 400_000, "{}", bomb.len());
+        let limits = Limits {
+            max_frame_bytes: 1 << 20,
+            max_message_bytes: 1 << 20,
+        };
+        // One frame, fed in 8 KiB reads: the buffer stays within the limit until it fails.
+        let wire = compressed_frames(OpCode::Binary, &bomb, 1);
+        let mut s = deflate_server(nct(), limits.clone());
+        let mut buf = BytesMut::new();
+        let mut result = Ok(());
+        for piece in wire.chunks(8192) {
+            buf.extend_from_slice(piece);
+            result = s.handle_input(&mut buf);
+            if result.is_err() {
+                break;
+            }
+            assert!(s.assembly.capacity() <= limits.max_message_bytes + 1);
+        }
+        assert_eq!(result, Err(ProtoError::InflatedTooLarge));
+        assert!(s.assembly.capacity() == 0 && !s.holds_inflate_state());
+        assert_eq!(close_code_on_wire(&mut s), Some(CloseCode::TOO_BIG));
+        // Fragmented the same way.
+        let wire = compressed_frames(OpCode::Binary, &bomb, 40);
+        let mut s = deflate_server(nct(), limits);
+        assert_eq!(
+            feed(&mut s, &wire, 65536),
+            Err(ProtoError::InflatedTooLarge)
+        );
+    }
+
+    #[test]
+    fn deflate_protocol_errors() {
+        let z = PeerDeflate::new(false).compress(b"hello hello hello");
+        let cases: Vec<(Vec<u8>, ProtoError, u16)> = vec![
+            // Compressed control frames.
+            (
+                raw(true, 0b100, 0x9, b"", Some(KEY)),
+                ProtoError::ReservedBits,
+                1002,
+            ),
+            (
+                raw(true, 0b100, 0x8, b"", Some(KEY)),
+                ProtoError::ReservedBits,
+                1002,
+            ),
+            // RSV1 on a continuation frame.
+            (
+                [
+                    raw(false, 0b100, 0x1, &z[..3], Some(KEY)),
+                    raw(true, 0b100, 0x0, &z[3..], Some(KEY)),
+                ]
+                .concat(),
+                ProtoError::ReservedBits,
+                1002,
+            ),
+            // RSV2 and RSV3 stay reserved.
+            (
+                raw(true, 0b010, 0x1, b"x", Some(KEY)),
+                ProtoError::ReservedBits,
+                1002,
+            ),
+            (
+                raw(true, 0b001, 0x2, b"x", Some(KEY)),
+                ProtoError::ReservedBits,
+                1002,
+            ),
+            // Not a deflate stream (reserved block type).
+            (
+                raw(true, 0b100, 0x2, &[0xff, 0xff, 0xff], Some(KEY)),
+                ProtoError::InvalidCompressedData,
+                1007,
+            ),
+            // Inflates to invalid UTF-8.
+            (
+                raw(
+                    true,
+                    0b100,
+                    0x1,
+                    &PeerDeflate::new(false).compress(b"ab\xff"),
+                    Some(KEY),
+                ),
+                ProtoError::InvalidUtf8,
+                1007,
+            ),
+            // Inflates to text that ends inside a code point.
+            (
+                raw(
+                    true,
+                    0b100,
+                    0x1,
+                    &PeerDeflate::new(false).compress(b"ab\xe2\x82"),
+                    Some(KEY),
+                ),
+                ProtoError::InvalidUtf8,
+                1007,
+            ),
+        ];
+        for (wire, err, code) in cases {
+            for chunk in [1, 3, wire.len()] {
+                let mut s = deflate_server(nct(), Limits::default());
+                assert_eq!(feed(&mut s, &wire, chunk), Err(err.clone()), "{err:?}");
+                assert_eq!(close_code_on_wire(&mut s), Some(CloseCode(code)), "{err:?}");
+            }
+        }
+        // Without the extension, RSV1 is a protocol error like any reserved bit.
+        let mut s = server();
+        assert_eq!(
+            feed(&mut s, &raw(true, 0b100, 0x1, &z, Some(KEY)), 100),
+            Err(ProtoError::ReservedBits)
+        );
+        assert_eq!(close_code_on_wire(&mut s), Some(CloseCode::PROTOCOL_ERROR));
+    }
+
+    #[test]
+    fn send_compressed_both_roles() {
+        let mut z = Compressor::default();
+        let big = "{\"k\":\"value value value\"}".repeat(100);
+        for bits in [None, Some(9), Some(8)] {
+            let params = DeflateParams {
+                server_max_window_bits: bits,
+                client_max_window_bits: bits,
+                ..nct()
+            };
+            for server_sends in [true, false] {
+                let mut s = deflate_server(params, Limits::default());
+                let mut c = deflate_client(params);
+                let (from, to) = if server_sends {
+                    (&mut s, &mut c)
+                } else {
+                    (&mut c, &mut s)
+                };
+                from.set_deflate(&params, 512);
+                assert!(
+                    !from
+                        .send_compressed(MessageKind::Text, b"short", &mut z)
+                        .unwrap()
+                );
+                let compressed = from
+                    .send_compressed(MessageKind::Text, big.as_bytes(), &mut z)
+                    .unwrap();
+                // A peer that limits our window to 8 bits gets uncompressed messages.
+                assert_eq!(compressed, bits != Some(8));
+                let wire_len = from.pending_transmit();
+                if compressed {
+                    assert!(wire_len < big.len() / 4, "{wire_len}");
+                    let st = from.take_deflate_stats().unwrap();
+                    assert_eq!((st.compressed, st.compressed_in), (1, big.len() as u64));
+                }
+                assert_eq!(
+                    pump(from, to, 50).unwrap(),
+                    [
+                        msg(MessageKind::Text, b"short"),
+                        msg(MessageKind::Text, big.as_bytes())
+                    ]
+                );
+            }
+        }
+        // Without the extension it is a plain send.
+        let mut s = server();
+        assert!(
+            !s.send_compressed(MessageKind::Binary, big.as_bytes(), &mut z)
+                .unwrap()
+        );
+        assert_eq!(s.pending_transmit(), 4 + big.len());
+        s.close(CloseCode::NORMAL, "").unwrap();
+        assert_eq!(
+            s.send_compressed(MessageKind::Binary, b"x", &mut z),
+            Err(SendError::Closed)
+        );
+    }
+
+    #[test]
+    fn empty_compressed_messages() {
+        // An empty payload with RSV1, and the empty stream a sync flush of nothing gives.
+        for payload in [&[][..], &[0x02, 0x00][..]] {
+            let mut s = deflate_server(nct(), Limits::default());
+            feed(&mut s, &raw(true, 0b100, 0x1, payload, Some(KEY)), 1).unwrap();
+            assert_eq!(events(&mut s), [msg(MessageKind::Text, b"")]);
+        }
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Msg(bool, Vec<u8>),
@@ -1476,6 +2017,43 @@ mod tests {
             points.sort_unstable();
             points.push(wire.len());
             let mut s = server();
+            let mut buf = BytesMut::new();
+            let mut prev = 0;
+            for p in points {
+                buf.extend_from_slice(&wire[prev..p]);
+                prev = p;
+                s.handle_input(&mut buf).unwrap();
+            }
+            prop_assert!(buf.is_empty());
+            prop_assert_eq!(events(&mut s), expected);
+        }
+
+        #[test]
+        fn compressed_streams_split_anywhere(
+            msgs in proptest::collection::vec((any::<bool>(), any::<bool>(), "[a-c ]{0,600}", 1usize..5), 1..8),
+            takeover in any::<bool>(),
+            cuts in proptest::collection::vec(any::<usize>(), 0..10),
+        ) {
+            // Messages, each compressed or not (by a peer keeping its context or not), text or
+            // binary, in 1-4 fragments; the stream cut at random points.
+            let params = DeflateParams { client_no_context_takeover: !takeover, ..nct() };
+            let mut peer = PeerDeflate::new(takeover);
+            let mut wire = Vec::new();
+            let mut expected = Vec::new();
+            for (compress, text, body, frags) in &msgs {
+                let (kind, op) = if *text { (MessageKind::Text, OpCode::Text) } else { (MessageKind::Binary, OpCode::Binary) };
+                if *compress {
+                    let z = peer.compress(body.as_bytes());
+                    wire.extend(compressed_frames(op, &z, *frags));
+                } else {
+                    wire.extend(cf(true, op, body.as_bytes()));
+                }
+                expected.push(msg(kind, body.as_bytes()));
+            }
+            let mut points: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
+            points.sort_unstable();
+            points.push(wire.len());
+            let mut s = deflate_server(params, Limits::default());
             let mut buf = BytesMut::new();
             let mut prev = 0;
             for p in points {

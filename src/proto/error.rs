@@ -15,7 +15,9 @@ use super::close::CloseCode;
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum ProtoError {
-    /// A frame had RSV1/RSV2/RSV3 set that no negotiated extension allows. Close code 1002.
+    /// A frame had RSV1/RSV2/RSV3 set that no negotiated extension allows: any RSV bit
+    /// without permessage-deflate; with it, RSV2/RSV3, or RSV1 on a control or continuation
+    /// frame (RFC 7692 6.1). Close code 1002.
     #[error("reserved bits set in frame header")]
     ReservedBits,
     /// A frame used a reserved opcode (3-7, 0xB-0xF); the raw opcode is attached. Close code 1002.
@@ -62,16 +64,31 @@ pub enum ProtoError {
     /// A close frame's reason was not valid UTF-8. Close code 1007.
     #[error("close reason is not valid UTF-8")]
     InvalidCloseReason,
+    /// permessage-deflate: a compressed message is not a valid DEFLATE stream. Close code
+    /// 1007.
+    #[error("invalid compressed data")]
+    InvalidCompressedData,
+    /// permessage-deflate: a compressed message inflates to more than
+    /// `Limits::max_message_bytes` (a decompression bomb, or a message too large). Detected
+    /// while inflating, before the buffer grows past the limit. Close code 1009.
+    #[error("inflated message too large")]
+    InflatedTooLarge,
 }
 
 impl ProtoError {
     /// The close code to send to the peer for this error: 1002 for protocol errors, 1007 for
-    /// invalid UTF-8 ([`ProtoError::InvalidUtf8`], [`ProtoError::InvalidCloseReason`]), 1009
-    /// for size limits ([`ProtoError::FrameTooLarge`], [`ProtoError::MessageTooLarge`]).
+    /// invalid payload data ([`ProtoError::InvalidUtf8`], [`ProtoError::InvalidCloseReason`],
+    /// [`ProtoError::InvalidCompressedData`]), 1009 for size limits
+    /// ([`ProtoError::FrameTooLarge`], [`ProtoError::MessageTooLarge`],
+    /// [`ProtoError::InflatedTooLarge`]).
     pub fn close_code(&self) -> CloseCode {
         match self {
-            Self::InvalidUtf8 | Self::InvalidCloseReason => CloseCode::INVALID_PAYLOAD,
-            Self::FrameTooLarge | Self::MessageTooLarge => CloseCode::TOO_BIG,
+            Self::InvalidUtf8 | Self::InvalidCloseReason | Self::InvalidCompressedData => {
+                CloseCode::INVALID_PAYLOAD
+            }
+            Self::FrameTooLarge | Self::MessageTooLarge | Self::InflatedTooLarge => {
+                CloseCode::TOO_BIG
+            }
             _ => CloseCode::PROTOCOL_ERROR,
         }
     }
@@ -94,6 +111,8 @@ impl ProtoError {
             Self::InvalidCloseCode(_) => "invalid close code",
             Self::InvalidClosePayload => "invalid close payload",
             Self::InvalidCloseReason => "invalid close reason",
+            Self::InvalidCompressedData => "invalid compressed data",
+            Self::InflatedTooLarge => "message too large",
         }
     }
 }
@@ -168,6 +187,11 @@ pub enum HandshakeError {
     /// `Content-Length`), whose bytes would otherwise be mistaken for frames. Status 400.
     #[error("upgrade request with a body")]
     UnexpectedBody,
+    /// `Sec-WebSocket-Extensions` is not a list of extensions (RFC 6455 9.1 grammar: a token,
+    /// then `; name` or `; name=value` parameters). Status 400. (A well-formed offer we
+    /// cannot accept is declined, not refused.)
+    #[error("malformed Sec-WebSocket-Extensions")]
+    InvalidExtensions,
     /// Client role: the upstream answered with a status other than 101; it is attached.
     /// Status 502.
     #[error("unexpected status {0} in upgrade response")]
@@ -186,6 +210,10 @@ pub enum HandshakeError {
     /// Status 502.
     #[error("unexpected Sec-WebSocket-Protocol in response")]
     UnexpectedProtocol,
+    /// Client role: the upstream answered an extension we did not offer, or
+    /// permessage-deflate with parameters RFC 7692 does not allow in an answer. Status 502.
+    #[error("unexpected Sec-WebSocket-Extensions in response")]
+    UnexpectedExtension,
 }
 
 impl HandshakeError {
@@ -203,12 +231,14 @@ impl HandshakeError {
             | Self::NotUpgrade
             | Self::MissingConnectionUpgrade
             | Self::BadKey
-            | Self::UnexpectedBody => 400,
+            | Self::UnexpectedBody
+            | Self::InvalidExtensions => 400,
             Self::UnexpectedStatus(_)
             | Self::MalformedResponse
             | Self::ResponseNotUpgrade
             | Self::AcceptMismatch
-            | Self::UnexpectedProtocol => 502,
+            | Self::UnexpectedProtocol
+            | Self::UnexpectedExtension => 502,
         }
     }
 
@@ -234,11 +264,13 @@ impl HandshakeError {
             Self::UnsupportedVersion => "unsupported Sec-WebSocket-Version (expected 13)",
             Self::BadKey => "missing or invalid Sec-WebSocket-Key",
             Self::UnexpectedBody => "upgrade request must not have a body",
+            Self::InvalidExtensions => "malformed Sec-WebSocket-Extensions header",
             Self::UnexpectedStatus(_) => "upstream refused the WebSocket upgrade",
             Self::MalformedResponse => "malformed upstream response",
             Self::ResponseNotUpgrade => "upstream response is not a WebSocket upgrade",
             Self::AcceptMismatch => "upstream Sec-WebSocket-Accept mismatch",
             Self::UnexpectedProtocol => "upstream selected a subprotocol that was not offered",
+            Self::UnexpectedExtension => "upstream answered an extension that was not offered",
         }
     }
 }
@@ -263,6 +295,11 @@ mod tests {
         assert_eq!(ProtoError::InvalidCloseReason.close_code(), CloseCode(1007));
         assert_eq!(ProtoError::FrameTooLarge.close_code(), CloseCode(1009));
         assert_eq!(ProtoError::MessageTooLarge.close_code(), CloseCode(1009));
+        assert_eq!(ProtoError::InflatedTooLarge.close_code(), CloseCode(1009));
+        assert_eq!(
+            ProtoError::InvalidCompressedData.close_code(),
+            CloseCode(1007)
+        );
     }
 
     #[test]
@@ -283,6 +320,8 @@ mod tests {
             ProtoError::InvalidCloseCode(0),
             ProtoError::InvalidClosePayload,
             ProtoError::InvalidCloseReason,
+            ProtoError::InvalidCompressedData,
+            ProtoError::InflatedTooLarge,
         ];
         for e in all {
             assert!(e.reason().len() <= 123);

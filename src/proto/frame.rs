@@ -190,6 +190,22 @@ pub fn encode_frame(
     }
 }
 
+/// RSV1 in the first header byte: the message is compressed (RFC 7692 6).
+pub const RSV1: u8 = 0x40;
+
+/// Append a whole frame with RSV1 set: the first (here: only) frame of a message compressed
+/// with permessage-deflate.
+pub fn encode_compressed_frame(
+    opcode: OpCode,
+    payload: &[u8],
+    mask: Option<[u8; 4]>,
+    out: &mut Vec<u8>,
+) {
+    let start = out.len();
+    encode_frame(true, opcode, payload, mask, out);
+    out[start] |= RSV1;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

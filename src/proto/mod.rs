@@ -1,11 +1,11 @@
-//! The sans-IO WebSocket protocol core (RFC 6455).
+//! The sans-IO WebSocket protocol core (RFC 6455, RFC 7692).
 //!
 //! This module owns everything that is "just bytes" about WebSocket: the HTTP/1.1 upgrade
 //! handshake in both roles ([`handshake`]), frame headers ([`frame`]), payload masking
 //! ([`mask`]), incremental UTF-8 validation of text messages ([`utf8`]), close codes
-//! ([`close`]) and the per-connection state machine ([`conn`]) that ties them together,
-//! enforces the RFC's rules and the configured size limits, answers pings and runs the
-//! close handshake.
+//! ([`close`]), the permessage-deflate extension ([`deflate`], RFC 7692) and the
+//! per-connection state machine ([`conn`]) that ties them together, enforces the RFC's rules
+//! and the configured size limits, answers pings and runs the close handshake.
 //!
 //! Nothing here touches a socket, a clock or a random number generator: callers feed received
 //! bytes in, take events and bytes to transmit out, and supply entropy (handshake nonces, the
@@ -22,6 +22,7 @@
 
 pub mod close;
 pub mod conn;
+pub mod deflate;
 pub mod error;
 pub mod frame;
 pub mod handshake;
@@ -31,6 +32,7 @@ pub mod utf8;
 pub use close::CloseCode;
 pub use conn::Limits;
 pub use conn::{Conn, Event, MessageKind, Role, State};
+pub use deflate::{Compressor, DeflateConfig, DeflateParams, DeflateStats};
 pub use error::{HandshakeError, ProtoError, SendError};
 pub use frame::{FrameHeader, OpCode};
 pub use handshake::{HandshakeLimits, UpgradeRequest, UpgradeResponse};
