@@ -351,7 +351,8 @@ impl Compressor {
             return None;
         }
         let level = self.level;
-        let z = self.states[usize::from(window_bits - MIN_DEFLATE_WINDOW)]
+        let i = usize::from(window_bits - MIN_DEFLATE_WINDOW);
+        let z = self.states[i]
             .get_or_insert_with(|| Compress::new_with_window_bits(level, false, window_bits));
         z.reset();
         // A burst of large messages does not leave a large buffer behind for good.
@@ -359,21 +360,37 @@ impl Compressor {
             self.out = Vec::new();
         }
         self.out.clear();
-        // Output that does not fit in the payload's size plus the tail is not worth sending.
-        self.out.reserve_exact(payload.len() + TAIL.len() + 1);
+        // Room for the worst case (level 1 codes literals in up to 9 bits), so the stream is
+        // always finished: see the reset note below.
+        self.out
+            .reserve_exact(payload.len() + payload.len() / 8 + 64);
         let mut input = payload;
-        loop {
-            let before = z.total_in();
+        let complete = loop {
+            let (in_before, out_before) = (z.total_in(), self.out.len());
             // Errors only for a misused stream (impossible after `reset`): send uncompressed.
-            z.compress_vec(input, &mut self.out, FlushCompress::Sync)
-                .ok()?;
-            input = &input[(z.total_in() - before) as usize..];
+            if z.compress_vec(input, &mut self.out, FlushCompress::Sync)
+                .is_err()
+            {
+                break false;
+            }
+            let consumed = (z.total_in() - in_before) as usize;
+            input = &input[consumed..];
             if self.out.len() < self.out.capacity() && input.is_empty() {
-                break;
+                break true;
             }
-            if self.out.len() == self.out.capacity() {
-                return None;
+            if self.out.len() == self.out.capacity()
+                || (consumed == 0 && self.out.len() == out_before)
+            {
+                break false;
             }
+        };
+        if !complete {
+            // zlib-rs 0.6.8 does not clear all the state of an unfinished stream on reset
+            // (level 1 keeps its open block, and a later stream overflows its pending
+            // buffer: a panic, or corrupt output in release builds). Never reached with the
+            // room reserved above; if it is, the next message gets a fresh state.
+            self.states[i] = None;
+            return None;
         }
         // A complete sync flush ends with the empty stored block's tail.
         let n = self.out.len().checked_sub(TAIL.len())?;
@@ -748,6 +765,39 @@ mod tests {
             .collect();
         assert!(c.compress(&noise, 15).is_none());
         assert_eq!(c.compress(b"", 15), None);
+    }
+
+    #[test]
+    fn a_message_after_an_incompressible_one_is_valid() {
+        // zlib-rs 0.6.8 keeps level 1's open block across a reset of an unfinished stream;
+        // a compressor reused after giving up on incompressible data must still produce
+        // valid streams (found by Autobahn 12.2.11 with lena512.bmp).
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut noise = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 32) as u8
+                })
+                .collect()
+        };
+        let mut c = Compressor::default();
+        for round in 0..3 {
+            // Several give-ups in a row (the bug needed a few), then a compressible message.
+            for n in [100, 8192, 100_000] {
+                for _ in 0..4 {
+                    assert_eq!(c.compress(&noise(n), 15), None);
+                    // Finished within the reserved room: the state is reused.
+                    assert!(c.states[6].is_some());
+                }
+            }
+            let text = format!("{round} {}", "abc def ".repeat(600));
+            let z = c.compress(text.as_bytes(), 15).unwrap().to_vec();
+            let mut d = server_deflate();
+            assert_eq!(inflate_all(&mut d, &z, 1 << 20).unwrap(), text.as_bytes());
+        }
     }
 
     #[test]
