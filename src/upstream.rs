@@ -131,14 +131,15 @@ pub struct Forwarding<'a> {
 }
 
 /// Write the upgrade request for `url`: configured headers; when relaying a client (`fwd`),
-/// `X-Forwarded-For` (appended), `Forwarded` (RFC 7239) and the client's `Origin`; and the
-/// subprotocol offers.
+/// `X-Forwarded-For` (appended), `Forwarded` (RFC 7239) and the client's `Origin`; the
+/// subprotocol offers; and `Sec-WebSocket-Extensions: extensions` if given.
 pub fn write_request(
     url: &WsUrl,
     key: &str,
     headers: &[(String, String)],
     fwd: Option<&Forwarding<'_>>,
     protocols: &[String],
+    extensions: Option<&str>,
     out: &mut Vec<u8>,
 ) {
     let mut extra: Vec<(&str, &str)> = headers
@@ -161,6 +162,9 @@ pub fn write_request(
         if let Some(o) = fwd.origin {
             extra.push(("Origin", o));
         }
+    }
+    if let Some(e) = extensions {
+        extra.push(("Sec-WebSocket-Extensions", e));
     }
     let protocols: Vec<&str> = protocols.iter().map(String::as_str).collect();
     write_client_request(&url.host, &url.path, key, &protocols, &extra, out);
@@ -207,6 +211,7 @@ mod tests {
                 client_tls: false,
             }),
             &protocols,
+            Some("permessage-deflate; client_max_window_bits"),
             &mut out,
         );
         let text = String::from_utf8(out).unwrap();
@@ -217,6 +222,7 @@ mod tests {
             "Forwarded: for=10.0.0.7;proto=ws\r\n",
             "Origin: https://a.example\r\n",
             "Sec-WebSocket-Protocol: v1\r\n",
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
         ] {
             assert!(text.contains(h), "{h} in {text}");
         }

@@ -20,7 +20,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::fanout::{LagPolicy, QueueLimits};
-use crate::proto::Limits;
+use crate::proto::{DeflateConfig, Limits};
 use crate::schema::{Column, ExtraFields, Schema};
 use crate::tls::{CertFiles, ClientAuth, MinVersion, ServerTls, SniCert};
 use crate::upstream::{TlsOptions, WsUrl};
@@ -270,6 +270,8 @@ pub struct SourceConfig {
     pub heartbeat: Option<(String, Duration, Option<String>)>,
     /// Reconnect backoff.
     pub backoff: Backoff,
+    /// permessage-deflate offered to the upstream, if enabled.
+    pub deflate: Option<DeflateConfig>,
 }
 
 impl fmt::Debug for SourceConfig {
@@ -361,6 +363,8 @@ pub struct ListenerConfig {
     pub max_pending_write_bytes: NonZeroUsize,
     /// Open connections per client IP across shards; beyond it the handshake gets 429.
     pub max_connections_per_ip: Option<NonZeroUsize>,
+    /// permessage-deflate with clients that offer it; `None` = never negotiated.
+    pub deflate: Option<DeflateConfig>,
     /// New connections per second across shards (each shard gets an equal share); beyond it
     /// the handshake gets 503 with `Retry-After: 1`.
     pub accept_rate: Option<u32>,
@@ -463,6 +467,8 @@ pub struct ProxyTarget {
     pub headers: Vec<(String, String)>,
     /// Deadline for the TCP connect and the upstream's 101.
     pub connect_timeout: Duration,
+    /// permessage-deflate offered to the upstream, if enabled.
+    pub deflate: Option<DeflateConfig>,
 }
 
 impl fmt::Debug for ProxyTarget {
@@ -753,6 +759,7 @@ fn validate_source(i: usize, r: &raw::RawSource) -> Result<SourceConfig, ConfigE
         pong_timeout: positive_ms(r.pong_timeout_ms, &p("pong_timeout_ms"))?,
         heartbeat,
         backoff,
+        deflate: r.permessage_deflate.then(DeflateConfig::default),
     })
 }
 
@@ -989,6 +996,10 @@ fn validate_listener(
         )?)
         .expect("bounded below by 1024"),
         max_connections_per_ip: NonZeroUsize::new(l.max_connections_per_ip),
+        deflate: l.permessage_deflate.then_some(DeflateConfig {
+            threshold_bytes: l.deflate_threshold_bytes,
+            peer_context_takeover: l.deflate_client_context_takeover,
+        }),
         accept_rate: (l.accept_rate > 0).then_some(l.accept_rate),
         tls: match &l.tls {
             Some(t) => Some(listener_tls(t, &|k| p(&format!("tls.{k}")))?),
@@ -1552,6 +1563,10 @@ fn proxy_target(
             ("tls_key", !r.tls_key.is_empty()),
             ("tls_server_name", !r.tls_server_name.is_empty()),
             ("tls_insecure_skip_verify", r.tls_insecure_skip_verify),
+            (
+                "upstream_permessage_deflate",
+                r.upstream_permessage_deflate.is_some(),
+            ),
         ];
         return match set.iter().find(|(_, s)| *s) {
             Some((key, _)) => Err(ConfigError::new(
@@ -1585,6 +1600,10 @@ fn proxy_target(
         url,
         headers,
         connect_timeout: Duration::from_millis(ms),
+        deflate: r
+            .upstream_permessage_deflate
+            .unwrap_or(false)
+            .then(DeflateConfig::default),
     }))
 }
 
@@ -1777,6 +1796,7 @@ mod tests {
                 upstream: Some("ws://127.0.0.1:1/".into()),
                 connect_timeout_ms: Some(1),
                 headers: Some([("X".to_string(), "y".to_string())].into()),
+                upstream_permessage_deflate: Some(false),
                 allowed_origins: vec![],
                 max_messages_per_second: 0,
                 max_bytes_per_second: 0,

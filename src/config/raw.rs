@@ -80,6 +80,12 @@ pub struct RawListener {
     pub max_pending_write_bytes: usize,
     /// Open connections per client IP across shards (0 = no cap).
     pub max_connections_per_ip: usize,
+    /// Negotiate permessage-deflate (RFC 7692) with clients that offer it.
+    pub permessage_deflate: bool,
+    /// Messages shorter than this are sent uncompressed.
+    pub deflate_threshold_bytes: usize,
+    /// Let clients keep their compression context between messages.
+    pub deflate_client_context_takeover: bool,
     /// New connections accepted per second (0 = no limit).
     pub accept_rate: u32,
     /// `[listener.tls]`: terminate TLS (wss) on this listener.
@@ -135,6 +141,9 @@ impl Default for RawListener {
             max_message_bytes: 16 << 20,
             max_pending_write_bytes: 1 << 20,
             max_connections_per_ip: 0,
+            permessage_deflate: true,
+            deflate_threshold_bytes: 512,
+            deflate_client_context_takeover: false,
             accept_rate: 0,
             tls: None,
             route: Vec::new(),
@@ -238,6 +247,9 @@ pub struct RawRoute {
     /// Headers added to the upstream upgrade request (proxy routes only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<std::collections::BTreeMap<String, String>>,
+    /// Offer permessage-deflate to the upstream (proxy routes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_permessage_deflate: Option<bool>,
 }
 
 /// One `schema` entry of an ingest route: `{ name = "id", type = "integer", nullable = false }`.
@@ -323,6 +335,8 @@ pub struct RawSource {
     pub tls_server_name: String,
     /// wss:// only: accept any certificate (testing only).
     pub tls_insecure_skip_verify: bool,
+    /// Offer permessage-deflate to the upstream.
+    pub permessage_deflate: bool,
 }
 
 impl Default for RawSource {
@@ -351,6 +365,7 @@ impl Default for RawSource {
             tls_key: String::new(),
             tls_server_name: String::new(),
             tls_insecure_skip_verify: false,
+            permessage_deflate: false,
         }
     }
 }

@@ -15,6 +15,13 @@
 //! 5. Each subscriber connection takes frames from its queue and writes many per submission
 //!    (vectored write), so the cost per delivery is a reference and an iovec.
 //!
+//! Subscribers that negotiated permessage-deflate get a compressed variant of the frame
+//! instead: the hub compresses a message once per shard (no context takeover, so one
+//! compressed frame is valid for every such subscriber; one variant per LZ77 window size
+//! the subscribers allow, in practice one), the first time a subscriber needs it, and shares
+//! it the same way. Messages below a subscriber's threshold, or that would not shrink, are
+//! delivered plain.
+//!
 //! Backpressure is per subscriber and explicit: a queue is capped in bytes and in messages,
 //! and when a push would exceed a cap the route's [`LagPolicy`] decides. The cap is checked
 //! before the push, so a queue never exceeds it by more than one frame (a single frame larger
@@ -35,8 +42,8 @@ use bytes::Bytes;
 use futures_util::future::FusedFuture;
 use serde::Serialize;
 
-use crate::proto::MessageKind;
-use crate::proto::frame::{OpCode, encode_frame};
+use crate::proto::frame::{OpCode, decode_header, encode_compressed_frame, encode_frame};
+use crate::proto::{Compressor, MessageKind};
 
 /// What happens when a subscriber's queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +135,27 @@ pub fn encode(kind: MessageKind, payload: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
+/// How a subscriber that negotiated permessage-deflate takes broadcasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriberDeflate {
+    /// Messages with shorter payloads are delivered plain.
+    pub threshold: usize,
+    /// Largest LZ77 window the subscriber allows (log2, 9..=15).
+    pub window_bits: u8,
+}
+
+impl SubscriberDeflate {
+    /// The preference of a server connection that agreed on `params`; `None` when
+    /// broadcasts cannot be compressed for it (a window limit below 9 bits).
+    pub fn new(params: &crate::proto::DeflateParams, threshold: usize) -> Option<Self> {
+        let window_bits = params.server_max_window_bits.unwrap_or(15);
+        (9..=15).contains(&window_bits).then_some(Self {
+            threshold,
+            window_bits,
+        })
+    }
+}
+
 /// Counters of one shard's fan-out. Only the shard thread touches them.
 #[derive(Debug, Default)]
 struct Counters {
@@ -136,6 +164,10 @@ struct Counters {
     delivered_bytes: Cell<u64>,
     queued_bytes: Cell<u64>,
     queued_messages: Cell<u64>,
+    deflated: Cell<u64>,
+    deflated_in: Cell<u64>,
+    deflated_out: Cell<u64>,
+    deflated_deliveries: Cell<u64>,
     drops: RefCell<Vec<(Rc<str>, DropReason, u64)>>,
 }
 
@@ -162,6 +194,8 @@ struct Subscriber {
     waker: Cell<Option<Waker>>,
     /// Route path, for the drop counters.
     route: Rc<str>,
+    /// Takes compressed variants (permessage-deflate negotiated).
+    deflate: Option<SubscriberDeflate>,
     /// Position in its topic's subscriber list (for O(1) removal).
     index: Cell<usize>,
 }
@@ -174,7 +208,7 @@ impl Subscriber {
     }
 
     /// Queue `frame` under the caps and the policy.
-    fn push(&self, frame: &Bytes, c: &Counters) {
+    fn push(&self, frame: &Bytes, c: &Counters, compressed: bool) {
         if self.overflowed.get() {
             return;
         }
@@ -224,6 +258,9 @@ impl Subscriber {
         c.queued_messages.set(c.queued_messages.get() + 1);
         c.deliveries.set(c.deliveries.get() + 1);
         c.delivered_bytes.set(c.delivered_bytes.get() + len as u64);
+        if compressed {
+            c.deflated_deliveries.set(c.deflated_deliveries.get() + 1);
+        }
         drop(q);
         if was_empty {
             self.wake();
@@ -237,11 +274,28 @@ pub struct Hub {
     topics: RefCell<HashMap<Rc<str>, Vec<Rc<Subscriber>>>>,
     subscribers: Cell<u64>,
     counters: Counters,
+    /// Compresses broadcasts for subscribers that negotiated permessage-deflate.
+    compressor: RefCell<Compressor>,
 }
+
+/// The compressed variants of one broadcast, by window size (index: bits - 9), made on
+/// first need: `Some(None)` = tried, not worth compressing.
+type Variants = [Option<Option<Bytes>>; 7];
 
 impl Hub {
     /// Subscribe to `topic` (created on first use) until the returned guard is dropped.
     pub fn subscribe(&self, topic: &str, limits: QueueLimits, route: Rc<str>) -> Subscription<'_> {
+        self.subscribe_with(topic, limits, route, None)
+    }
+
+    /// [`Hub::subscribe`] for a subscriber that takes compressed frames per `deflate`.
+    pub fn subscribe_with(
+        &self,
+        topic: &str,
+        limits: QueueLimits,
+        route: Rc<str>,
+        deflate: Option<SubscriberDeflate>,
+    ) -> Subscription<'_> {
         let mut topics = self.topics.borrow_mut();
         let list = match topics.get_mut(topic) {
             Some(l) => l,
@@ -254,6 +308,7 @@ impl Hub {
             overflowed: Cell::new(false),
             waker: Cell::new(None),
             route,
+            deflate,
             index: Cell::new(list.len()),
         });
         list.push(sub.clone());
@@ -293,17 +348,56 @@ impl Hub {
             .set(self.counters.published.get() + 1);
     }
 
-    /// Queue an encoded frame for every local subscriber of `topic`. Returns how many
-    /// subscribers it was offered to (0 when the topic has none here).
+    /// Queue an encoded frame (from [`encode`]) for every local subscriber of `topic`, or its
+    /// compressed variant for the subscribers that take one. Returns how many subscribers it
+    /// was offered to (0 when the topic has none here).
     pub fn publish(&self, topic: &str, frame: &Bytes) -> usize {
         let topics = self.topics.borrow();
         let Some(list) = topics.get(topic) else {
             return 0;
         };
+        let mut variants = Variants::default();
         for s in list {
-            s.push(frame, &self.counters);
+            match s
+                .deflate
+                .and_then(|d| self.deflated(frame, d, &mut variants))
+            {
+                Some(z) => s.push(&z, &self.counters, true),
+                None => s.push(frame, &self.counters, false),
+            }
         }
         list.len()
+    }
+
+    /// The compressed variant of `frame` for a subscriber with preference `d`, compressed
+    /// at most once per window size per publish; `None`: deliver the plain frame.
+    fn deflated(
+        &self,
+        frame: &Bytes,
+        d: SubscriberDeflate,
+        variants: &mut Variants,
+    ) -> Option<Bytes> {
+        let (header, header_len) = decode_header(frame).ok()??;
+        let payload = &frame[header_len..];
+        if payload.len() < d.threshold || header.rsv != 0 || !header.fin {
+            return None;
+        }
+        let slot = variants.get_mut(usize::from(d.window_bits.checked_sub(9)?))?;
+        slot.get_or_insert_with(|| {
+            let opcode = OpCode::from_u8(header.opcode)?;
+            let mut z = self.compressor.borrow_mut();
+            let compressed = z.compress(payload, d.window_bits)?;
+            let c = &self.counters;
+            c.deflated.set(c.deflated.get() + 1);
+            c.deflated_in
+                .set(c.deflated_in.get() + payload.len() as u64);
+            c.deflated_out
+                .set(c.deflated_out.get() + compressed.len() as u64);
+            let mut out = Vec::with_capacity(compressed.len() + 10);
+            encode_compressed_frame(opcode, compressed, None, &mut out);
+            Some(Bytes::from(out))
+        })
+        .clone()
     }
 
     /// Current counters.
@@ -317,6 +411,10 @@ impl Hub {
             delivered_bytes: c.delivered_bytes.get(),
             queued_bytes: c.queued_bytes.get(),
             queued_messages: c.queued_messages.get(),
+            deflated: c.deflated.get(),
+            deflated_in: c.deflated_in.get(),
+            deflated_out: c.deflated_out.get(),
+            deflated_deliveries: c.deflated_deliveries.get(),
             drops: c
                 .drops
                 .borrow()
@@ -444,6 +542,15 @@ pub struct FanoutSnapshot {
     pub queued_bytes: u64,
     /// Frames queued for subscribers now.
     pub queued_messages: u64,
+    /// Broadcasts compressed (once per shard and window size) for permessage-deflate
+    /// subscribers.
+    pub deflated: u64,
+    /// Their payload bytes before compression.
+    pub deflated_in: u64,
+    /// Their payload bytes after compression.
+    pub deflated_out: u64,
+    /// Compressed frames queued for subscribers (included in `deliveries`).
+    pub deflated_deliveries: u64,
     /// Messages not delivered, by (route, reason, count).
     pub drops: Vec<(String, &'static str, u64)>,
     /// Batches sent to other shards.
@@ -464,6 +571,10 @@ impl FanoutSnapshot {
         self.delivered_bytes += o.delivered_bytes;
         self.queued_bytes += o.queued_bytes;
         self.queued_messages += o.queued_messages;
+        self.deflated += o.deflated;
+        self.deflated_in += o.deflated_in;
+        self.deflated_out += o.deflated_out;
+        self.deflated_deliveries += o.deflated_deliveries;
         self.ring_batches_out += o.ring_batches_out;
         self.ring_batches_in += o.ring_batches_in;
         self.ring_full_drops += o.ring_full_drops;
@@ -616,6 +727,80 @@ mod tests {
         out.clear();
         assert_eq!(s.take(&mut out, 2 * f, 100), 2 * f);
         assert_eq!(hub.snapshot().queued_messages, 3);
+    }
+
+    #[test]
+    fn deflate_subscribers_share_one_compressed_frame() {
+        use crate::proto::{Conn, DeflateParams, Event, Limits, Role};
+        let hub = Hub::default();
+        let r: Rc<str> = Rc::from("r");
+        let pref = |bits| {
+            Some(SubscriberDeflate {
+                threshold: 100,
+                window_bits: bits,
+            })
+        };
+        let plain = hub.subscribe("t", QueueLimits::default(), r.clone());
+        let z1 = hub.subscribe_with("t", QueueLimits::default(), r.clone(), pref(15));
+        let z2 = hub.subscribe_with("t", QueueLimits::default(), r.clone(), pref(15));
+        let z9 = hub.subscribe_with("t", QueueLimits::default(), r.clone(), pref(9));
+        let big = "{\"price\":43125.5,\"symbol\":\"BTC-USD\"}".repeat(20);
+        let frame = encode(MessageKind::Text, big.as_bytes());
+        hub.publish("t", &frame);
+        hub.publish("t", &encode(MessageKind::Text, b"small"));
+        let snap = hub.snapshot();
+        // One compression per window size, not per subscriber.
+        assert_eq!(snap.deflated, 2);
+        assert_eq!(snap.deflated_deliveries, 3);
+        assert_eq!(snap.deflated_in, 2 * big.len() as u64);
+        let take = |s: &Subscription<'_>| {
+            let mut out = Vec::new();
+            s.take(&mut out, usize::MAX, usize::MAX);
+            out
+        };
+        let p = take(&plain);
+        assert_eq!(p[0], frame);
+        let (a, b, c) = (take(&z1), take(&z2), take(&z9));
+        assert_eq!(a[0].as_ptr(), b[0].as_ptr(), "the same shared frame");
+        assert_eq!(a[0][0], 0xC1, "FIN, RSV1, text");
+        assert!(a[0].len() < frame.len() / 3);
+        for (frames, bits) in [(a, 15), (c, 9)] {
+            // A client that negotiated deflate reads both messages.
+            let mut client = Conn::new(Role::Client, Limits::default());
+            let params = DeflateParams {
+                server_no_context_takeover: true,
+                client_no_context_takeover: true,
+                server_max_window_bits: Some(bits),
+                client_max_window_bits: None,
+            };
+            client.set_deflate(&params, 0);
+            let mut buf = bytes::BytesMut::new();
+            for f in &frames {
+                buf.extend_from_slice(f);
+            }
+            client.handle_input(&mut buf).unwrap();
+            let texts: Vec<Bytes> = std::iter::from_fn(|| client.poll_event())
+                .map(|e| match e {
+                    Event::Message { data, .. } => data,
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            assert_eq!(
+                texts,
+                [Bytes::from(big.clone()), Bytes::from_static(b"small")]
+            );
+        }
+        assert_eq!(
+            SubscriberDeflate::new(
+                &DeflateParams {
+                    server_max_window_bits: Some(8),
+                    ..DeflateParams::default()
+                },
+                0
+            ),
+            None,
+            "a window of 8 bits gets plain frames"
+        );
     }
 
     #[test]

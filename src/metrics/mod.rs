@@ -143,9 +143,23 @@ pub struct ShardMetrics {
     ingest_accepted: Cell<u64>,
     ingest_invalid: Cell<u64>,
     ingest_waits: Cell<u64>,
+    deflate: DeflateCells,
     handshake_failures: [Cell<u64>; HandshakeFailure::ALL.len()],
     rate_limit_closes: [Cell<u64>; 2],
     closes: RefCell<Vec<(u16, u64)>>,
+}
+
+/// permessage-deflate counters of one shard (see [`DeflateSnapshot`]).
+#[derive(Debug, Default)]
+struct DeflateCells {
+    connections: Cell<u64>,
+    compressed: Cell<u64>,
+    compressed_in: Cell<u64>,
+    compressed_out: Cell<u64>,
+    inflated: Cell<u64>,
+    inflated_in: Cell<u64>,
+    inflated_out: Cell<u64>,
+    bomb_closes: Cell<u64>,
 }
 
 fn bump(c: &Cell<u64>, n: u64) {
@@ -208,6 +222,29 @@ impl ShardMetrics {
         bump(&self.ingest_waits, 1);
     }
 
+    /// A connection negotiated permessage-deflate.
+    pub fn on_deflate_negotiated(&self) {
+        bump(&self.deflate.connections, 1);
+    }
+
+    /// A connection's compression counters since they were last taken
+    /// ([`crate::proto::Conn::take_deflate_stats`]).
+    pub fn on_deflate(&self, s: &crate::proto::DeflateStats) {
+        let d = &self.deflate;
+        bump(&d.compressed, s.compressed);
+        bump(&d.compressed_in, s.compressed_in);
+        bump(&d.compressed_out, s.compressed_out);
+        bump(&d.inflated, s.inflated);
+        bump(&d.inflated_in, s.inflated_in);
+        bump(&d.inflated_out, s.inflated_out);
+    }
+
+    /// A connection was failed (1009) because a compressed message inflated past
+    /// `max_message_bytes`.
+    pub fn on_inflate_bomb(&self) {
+        bump(&self.deflate.bomb_closes, 1);
+    }
+
     /// A connection was closed for exceeding a per-connection rate limit.
     pub fn on_rate_limit_close(&self, why: crate::ratelimit::RateExceeded) {
         bump(&self.rate_limit_closes[why as usize], 1);
@@ -240,6 +277,16 @@ impl ShardMetrics {
             ingest_accepted: self.ingest_accepted.get(),
             ingest_invalid: self.ingest_invalid.get(),
             ingest_waits: self.ingest_waits.get(),
+            deflate: DeflateSnapshot {
+                connections: self.deflate.connections.get(),
+                compressed: self.deflate.compressed.get(),
+                compressed_in: self.deflate.compressed_in.get(),
+                compressed_out: self.deflate.compressed_out.get(),
+                inflated: self.deflate.inflated.get(),
+                inflated_in: self.deflate.inflated_in.get(),
+                inflated_out: self.deflate.inflated_out.get(),
+                bomb_closes: self.deflate.bomb_closes.get(),
+            },
             handshake_failures: HandshakeFailure::ALL
                 .iter()
                 .map(|f| (f.label(), self.handshake_failures[*f as usize].get()))
@@ -285,6 +332,8 @@ pub struct Snapshot {
     pub ingest_invalid: u64,
     /// Times an ingest connection waited for a full sink queue (and stopped reading).
     pub ingest_waits: u64,
+    /// permessage-deflate on connections (broadcast compression is in `fanout`).
+    pub deflate: DeflateSnapshot,
     /// Handshake failures by reason label.
     pub handshake_failures: Vec<(&'static str, u64)>,
     /// Connections ended, by close code.
@@ -295,6 +344,41 @@ pub struct Snapshot {
     pub fanout: FanoutSnapshot,
     /// Sources running on this shard.
     pub sources: Vec<SourceSnapshot>,
+}
+
+/// permessage-deflate counters of one shard's connections.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct DeflateSnapshot {
+    /// Connections (client-facing and upstream) that negotiated permessage-deflate.
+    pub connections: u64,
+    /// Messages sent compressed (echo replies, proxied messages; not broadcasts).
+    pub compressed: u64,
+    /// Their payload bytes before compression.
+    pub compressed_in: u64,
+    /// Their payload bytes after compression.
+    pub compressed_out: u64,
+    /// Compressed messages received and inflated.
+    pub inflated: u64,
+    /// Their payload bytes as received.
+    pub inflated_in: u64,
+    /// Their payload bytes after inflating.
+    pub inflated_out: u64,
+    /// Connections closed with 1009 because a compressed message inflated past
+    /// `max_message_bytes` (decompression bombs among them).
+    pub bomb_closes: u64,
+}
+
+impl DeflateSnapshot {
+    fn merge(&mut self, o: &Self) {
+        self.connections += o.connections;
+        self.compressed += o.compressed;
+        self.compressed_in += o.compressed_in;
+        self.compressed_out += o.compressed_out;
+        self.inflated += o.inflated;
+        self.inflated_in += o.inflated_in;
+        self.inflated_out += o.inflated_out;
+        self.bomb_closes += o.bomb_closes;
+    }
 }
 
 /// State and counters of one source.
@@ -334,6 +418,7 @@ impl Snapshot {
         self.ingest_accepted += other.ingest_accepted;
         self.ingest_invalid += other.ingest_invalid;
         self.ingest_waits += other.ingest_waits;
+        self.deflate.merge(&other.deflate);
         for (label, n) in &other.handshake_failures {
             match self.handshake_failures.iter_mut().find(|(l, _)| l == label) {
                 Some((_, m)) => *m += n,
@@ -603,6 +688,72 @@ pub fn render_prometheus(info: &Info, snaps: &[Snapshot]) -> String {
     ];
     for (name, kind, help, v) in fanout {
         metric(name, kind, help, &[(String::new(), v)]);
+    }
+    let d = &t.deflate;
+    let deflate: [(&str, &str, u64); 12] = [
+        (
+            "wsedge_deflate_connections_total",
+            "Connections that negotiated permessage-deflate (client-facing and upstream).",
+            d.connections,
+        ),
+        (
+            "wsedge_deflate_messages_compressed_total",
+            "Messages sent compressed on a connection (echo replies, proxied messages).",
+            d.compressed,
+        ),
+        (
+            "wsedge_deflate_compressed_bytes_in_total",
+            "Payload bytes of those messages before compression.",
+            d.compressed_in,
+        ),
+        (
+            "wsedge_deflate_compressed_bytes_out_total",
+            "Payload bytes of those messages after compression.",
+            d.compressed_out,
+        ),
+        (
+            "wsedge_deflate_messages_inflated_total",
+            "Compressed messages received and inflated.",
+            d.inflated,
+        ),
+        (
+            "wsedge_deflate_inflated_bytes_in_total",
+            "Payload bytes of those messages as received (compressed).",
+            d.inflated_in,
+        ),
+        (
+            "wsedge_deflate_inflated_bytes_out_total",
+            "Payload bytes of those messages after inflating.",
+            d.inflated_out,
+        ),
+        (
+            "wsedge_deflate_bomb_closes_total",
+            "Connections closed with 1009 because a compressed message inflated past max_message_bytes.",
+            d.bomb_closes,
+        ),
+        (
+            "wsedge_fanout_deflated_total",
+            "Broadcasts compressed for permessage-deflate subscribers (once per shard and window size).",
+            f.deflated,
+        ),
+        (
+            "wsedge_fanout_deflated_bytes_in_total",
+            "Payload bytes of those broadcasts before compression.",
+            f.deflated_in,
+        ),
+        (
+            "wsedge_fanout_deflated_bytes_out_total",
+            "Payload bytes of those broadcasts after compression.",
+            f.deflated_out,
+        ),
+        (
+            "wsedge_fanout_deflated_deliveries_total",
+            "Compressed frames queued for subscribers (part of wsedge_fanout_deliveries_total).",
+            f.deflated_deliveries,
+        ),
+    ];
+    for (name, help, v) in deflate {
+        metric(name, "counter", help, &[(String::new(), v)]);
     }
     let drops: Vec<_> = f
         .drops
@@ -882,6 +1033,14 @@ mod tests {
         b.on_close(1006);
         b.on_close(1000);
         b.on_handshake_failure(HandshakeFailure::OverCapacity);
+        a.on_deflate_negotiated();
+        b.on_deflate(&crate::proto::DeflateStats {
+            inflated: 2,
+            inflated_in: 30,
+            inflated_out: 200,
+            ..Default::default()
+        });
+        b.on_inflate_bomb();
         let snaps = [a.snapshot(0), b.snapshot(1)];
         let t = merge(&snaps);
         assert_eq!(t.connections_total, 3);
@@ -899,6 +1058,11 @@ mod tests {
         assert!(text.contains("wsedge_closes_total{code=\"1000\"} 2\n"));
         assert!(text.contains("wsedge_handshake_failures_total{reason=\"over_capacity\"} 1\n"));
         assert!(text.contains("io_backend=\"epoll\""));
+        assert!(text.contains("wsedge_deflate_connections_total 1\n"));
+        assert!(text.contains("wsedge_deflate_messages_inflated_total 2\n"));
+        assert!(text.contains("wsedge_deflate_inflated_bytes_out_total 200\n"));
+        assert!(text.contains("wsedge_deflate_bomb_closes_total 1\n"));
+        assert!(text.contains("wsedge_fanout_deflated_total 0\n"));
         let json: serde_json::Value =
             serde_json::from_str(&render_stats_json(&info, &snaps)).unwrap();
         assert_eq!(json["total"]["connections_total"], 3);

@@ -13,7 +13,7 @@ use tracing::debug;
 
 use super::stream::{Stream, connect_tls};
 use crate::proto::handshake::{HandshakeLimits, generate_key, parse_response};
-use crate::proto::{Conn, State};
+use crate::proto::{Conn, DeflateConfig, DeflateParams, State, deflate};
 use crate::upstream::{Forwarding, WsUrl, write_request};
 
 /// An upstream connection whose handshake succeeded.
@@ -23,6 +23,28 @@ pub(crate) struct Upstream {
     pub(crate) rest: BytesMut,
     /// The subprotocol the upstream selected (answered to the client).
     pub(crate) protocol: Option<String>,
+    /// permessage-deflate as the upstream accepted it, and our send threshold.
+    pub(crate) deflate: Option<(DeflateParams, usize)>,
+}
+
+impl Upstream {
+    /// The client-role protocol core for this connection (masks seeded at random,
+    /// permessage-deflate if negotiated), counted in `metrics`.
+    pub(crate) fn conn(
+        &self,
+        limits: crate::proto::Limits,
+        metrics: &crate::metrics::ShardMetrics,
+    ) -> Conn {
+        let mut conn = Conn::new(crate::proto::Role::Client, limits);
+        conn.set_mask_seed(u64::from_le_bytes(
+            random_16()[..8].try_into().unwrap_or([7; 8]),
+        ));
+        if let Some((p, threshold)) = &self.deflate {
+            conn.set_deflate(p, *threshold);
+            metrics.on_deflate_negotiated();
+        }
+        conn
+    }
 }
 
 /// Why an upstream could not be reached (proxy routes answer 502; sources retry).
@@ -43,12 +65,15 @@ pub(crate) enum UpstreamError {
 }
 
 /// Connect to `url` and complete the WebSocket handshake within `timeout`: `headers`, then
-/// the proxy headers of `fwd` if any, offering `protocols`.
+/// the proxy headers of `fwd` if any, offering `protocols` and, with `deflate`,
+/// permessage-deflate. An answer with an extension we did not offer (or an invalid
+/// permessage-deflate answer) fails the connection.
 pub(crate) async fn connect(
     url: &WsUrl,
     headers: &[(String, String)],
     fwd: Option<&Forwarding<'_>>,
     protocols: &[String],
+    deflate: Option<&DeflateConfig>,
     timeout: Duration,
 ) -> Result<Upstream, UpstreamError> {
     let attempt = async {
@@ -65,7 +90,16 @@ pub(crate) async fn connect(
         }
         let key = generate_key(random_16());
         let mut out = Vec::with_capacity(512);
-        write_request(url, &key, headers, fwd, protocols, &mut out);
+        let offer = deflate.map(deflate::client_offer);
+        write_request(
+            url,
+            &key,
+            headers,
+            fwd,
+            protocols,
+            offer.as_deref(),
+            &mut out,
+        );
         stream
             .write_all(out)
             .await
@@ -88,11 +122,14 @@ pub(crate) async fn connect(
             match parse_response(&buf, &key, &offered, &limits) {
                 Ok(None) => {}
                 Ok(Some((resp, consumed))) => {
+                    let accepted = deflate::accept_response(&resp.headers, deflate.is_some())
+                        .map_err(UpstreamError::Invalid)?;
                     let _ = buf.split_to(consumed);
                     return Ok(Upstream {
                         stream,
                         rest: buf,
                         protocol: resp.protocol,
+                        deflate: accepted.zip(deflate.map(|d| d.threshold_bytes)),
                     });
                 }
                 Err(e) => {

@@ -31,13 +31,15 @@ use tracing::debug;
 
 use super::stream::{Stream, accept_tls};
 use super::{ListenerShared, ShardCtx, proxy, signal};
-use crate::config::{Route, RouteKind};
-use crate::fanout::{self, Subscription};
+use crate::config::{ListenerConfig, Route, RouteKind};
+use crate::fanout::{self, SubscriberDeflate, Subscription};
 use crate::metrics::HandshakeFailure;
 use crate::proto::handshake::{
     self, HandshakeLimits, UpgradeRequest, write_error_response, write_response_101,
 };
-use crate::proto::{CloseCode, Conn, Event, HandshakeError, ProtoError, Role, State};
+use crate::proto::{
+    CloseCode, Conn, DeflateParams, Event, HandshakeError, ProtoError, Role, State, deflate,
+};
 use crate::ratelimit::MessageLimiter;
 
 /// Smallest read submitted; also the read buffer of a connection that has gone quiet. Small
@@ -85,6 +87,7 @@ pub(crate) fn serve(
             route,
             target,
             rest,
+            deflate,
             _ip_slot,
         }) = hs.await
         else {
@@ -97,16 +100,16 @@ pub(crate) fn serve(
             Target::Upstream(up) => {
                 // Boxed, and built in a plain function: a future constructed in this async
                 // block would take its size in the task state of every connection.
-                boxed_relay(ctx, shared, &stream, rest, up).await
+                boxed_relay(ctx, shared, &stream, rest, up, deflate).await
             }
             Target::Ingest(meta) => {
                 let r = &shared.cfg.routes[route];
-                boxed_ingest(ctx, shared, &stream, rest, r, meta).await
+                boxed_ingest(ctx, shared, &stream, rest, r, meta, deflate).await
             }
             Target::Topic(topic) => {
-                let fan = topic.map(|t| Fan::new(ctx, listener_idx, route, t));
+                let fan = topic.map(|t| Fan::new(ctx, listener_idx, route, t, deflate.as_ref()));
                 let route = &shared.cfg.routes[route];
-                websocket(ctx, shared, &stream, Some(rest), route, fan, seq).await
+                websocket(ctx, shared, &stream, Some(rest), route, fan, seq, deflate).await
             }
         };
         let ctx = &*live.0;
@@ -158,11 +161,11 @@ fn boxed_ingest<'a>(
     rest: BytesMut,
     route: &'a Route,
     meta: Option<Box<str>>,
+    deflate: Option<DeflateParams>,
 ) -> LocalBoxFuture<'a, u16> {
     Box::pin(async move {
-        // Invariant: `Target::Ingest` is only chosen for routes with ingest settings.
-        let ing = route.ingest.as_ref().expect("ingest route");
-        super::ingest::serve(ctx, shared, stream, rest, route, ing, meta).await
+        let conn = server_conn(ctx, &shared.cfg, deflate.as_ref());
+        super::ingest::serve(ctx, shared, stream, rest, route, meta, conn).await
     })
 }
 
@@ -173,8 +176,36 @@ fn boxed_relay<'a>(
     stream: &'a Stream,
     rest: BytesMut,
     up: super::client::Upstream,
+    deflate: Option<DeflateParams>,
 ) -> LocalBoxFuture<'a, u16> {
-    Box::pin(proxy::relay(ctx, shared, stream, rest, up))
+    let conn = server_conn(ctx, &shared.cfg, deflate.as_ref());
+    Box::pin(proxy::relay(ctx, shared, stream, rest, up, conn))
+}
+
+/// The protocol core of an accepted connection, with permessage-deflate if it was
+/// negotiated.
+pub(crate) fn server_conn(
+    ctx: &ShardCtx,
+    cfg: &ListenerConfig,
+    deflate: Option<&DeflateParams>,
+) -> Conn {
+    let mut conn = Conn::new(Role::Server, cfg.limits.clone());
+    if let (Some(p), Some(d)) = (deflate, cfg.deflate.as_ref()) {
+        conn.set_deflate(p, d.threshold_bytes);
+        ctx.metrics.on_deflate_negotiated();
+    }
+    conn
+}
+
+/// Count what a connection's protocol core compressed and inflated since the last call, and
+/// a decompression bomb among its errors.
+pub(crate) fn note_deflate(ctx: &ShardCtx, conn: &mut Conn, error: Option<&ProtoError>) {
+    if let Some(s) = conn.take_deflate_stats() {
+        ctx.metrics.on_deflate(&s);
+    }
+    if error == Some(&ProtoError::InflatedTooLarge) {
+        ctx.metrics.on_inflate_bomb();
+    }
 }
 
 /// Counts a connection task in the shard's live-task count (for the drain) from its creation
@@ -300,6 +331,8 @@ pub(crate) struct Accepted {
     target: Target,
     /// Bytes the client sent after its request.
     rest: BytesMut,
+    /// permessage-deflate parameters, if negotiated.
+    deflate: Option<DeflateParams>,
     /// Held for the life of the connection when `max_connections_per_ip` is set.
     _ip_slot: Option<Box<IpSlot>>,
 }
@@ -491,6 +524,20 @@ async fn handshake(ctx: &ShardCtx, listener_idx: usize, stream: &Stream) -> Opti
             return None;
         }
     }
+    // permessage-deflate: the first acceptable offer, if the listener negotiates it.
+    let deflate = match cfg.deflate.as_ref() {
+        None => None,
+        Some(d) => match deflate::negotiate(&req.extensions, d) {
+            Ok(p) => p,
+            Err(e) => {
+                ctx.metrics
+                    .on_handshake_failure(HandshakeFailure::from_status(e.status()));
+                e.write_response(&mut out);
+                respond_and_close(stream, out).await;
+                return None;
+            }
+        },
+    };
     if shared.open.fetch_add(1, Ordering::Relaxed) >= cfg.max_connections.get() {
         shared.open.fetch_sub(1, Ordering::Relaxed);
         ctx.metrics
@@ -556,7 +603,12 @@ async fn handshake(ctx: &ShardCtx, listener_idx: usize, stream: &Stream) -> Opti
             }
         }
     }
-    write_response_101(&req.key, protocol.as_deref(), &[], &mut out);
+    let extension = deflate.map(|p| p.header_value());
+    let extra: Vec<(&str, &str)> = extension
+        .iter()
+        .map(|v| ("Sec-WebSocket-Extensions", v.as_str()))
+        .collect();
+    write_response_101(&req.key, protocol.as_deref(), &extra, &mut out);
     if stream.write_all(out).await.0.is_err() {
         shared.open.fetch_sub(1, Ordering::Relaxed);
         ctx.metrics.on_handshake_failure(HandshakeFailure::Io);
@@ -566,6 +618,7 @@ async fn handshake(ctx: &ShardCtx, listener_idx: usize, stream: &Stream) -> Opti
         route: route_idx,
         target,
         rest,
+        deflate,
         _ip_slot: ip_slot,
     })
 }
@@ -642,6 +695,7 @@ enum TimerMode {
 /// inline (one is in flight almost always); the write and the closing timer, which an idle
 /// connection does not have, are boxed while they exist. (`async move` block: see [`serve`].)
 #[allow(clippy::manual_async_fn)] // deliberate: see the memory note above
+#[allow(clippy::too_many_arguments)] // each is stored once in the task state; see above
 fn websocket<'a>(
     ctx: &'a ShardCtx,
     shared: &'a ListenerShared,
@@ -653,6 +707,8 @@ fn websocket<'a>(
     // Topic state of a publish/subscribe/pubsub route (see [`Fan`]).
     mut fan: Option<Box<Fan<'a>>>,
     seq: u64,
+    // permessage-deflate parameters, if negotiated.
+    deflate: Option<DeflateParams>,
 ) -> impl Future<Output = u16> + 'a {
     async move {
         let cfg = &shared.cfg;
@@ -664,7 +720,7 @@ fn websocket<'a>(
             Instant::now(),
         )
         .map(Box::new);
-        let mut conn = Conn::new(Role::Server, cfg.limits.clone());
+        let mut conn = server_conn(ctx, cfg, deflate.as_ref());
         let max_pending = cfg.max_pending_write_bytes.get();
 
         // The handshake buffer (1 KiB) is only kept if the client pipelined frames behind its
@@ -705,8 +761,9 @@ fn websocket<'a>(
                 pending_input = false;
                 // Invariant: pending_input is only set while we own the read buffer.
                 let buf = rbuf.as_mut().expect("read buffer present");
-                if let Err(e) = conn.handle_input(buf) {
-                    code.get_or_insert(close_code_for(&e));
+                let failed = conn.handle_input(buf).err();
+                if let Some(e) = &failed {
+                    code.get_or_insert(close_code_for(e));
                     debug!(shard = ctx.id, error = %e, "protocol error");
                 }
                 let now = limiter.is_some().then(Instant::now);
@@ -742,7 +799,10 @@ fn websocket<'a>(
                                 (RouteKind::Echo, _) => {
                                     let n = data.len();
                                     // TLS copies into records anyway: no point in sharing.
-                                    let sent = if n >= SHARE_MIN && stream.tls().is_none() {
+                                    let sent = if conn.deflate_enabled() {
+                                        let mut z = ctx.deflater.borrow_mut();
+                                        conn.send_compressed(kind, &data, &mut z).map(drop)
+                                    } else if n >= SHARE_MIN && stream.tls().is_none() {
                                         conn.send_shared(kind, data)
                                     } else {
                                         conn.send(kind, &data)
@@ -764,6 +824,7 @@ fn websocket<'a>(
                         Event::Ping(_) | Event::Pong(_) => {}
                     }
                 }
+                note_deflate(ctx, &mut conn, failed.as_ref());
                 // Everything this read published goes to the other shards as one batch each.
                 if route.kind.publishes() {
                     ctx.link.flush();
@@ -965,11 +1026,27 @@ pub(crate) struct Fan<'a> {
 }
 
 impl<'a> Fan<'a> {
-    fn new(ctx: &'a ShardCtx, listener: usize, route: usize, topic: Arc<str>) -> Box<Self> {
-        let r = &ctx.listeners[listener].cfg.routes[route];
+    fn new(
+        ctx: &'a ShardCtx,
+        listener: usize,
+        route: usize,
+        topic: Arc<str>,
+        deflate: Option<&DeflateParams>,
+    ) -> Box<Self> {
+        let cfg = &ctx.listeners[listener].cfg;
+        let r = &cfg.routes[route];
+        // A subscriber that negotiated permessage-deflate takes the shard's compressed
+        // variant of each broadcast (compressed once, shared).
+        let pref = deflate
+            .zip(cfg.deflate.as_ref())
+            .and_then(|(p, d)| SubscriberDeflate::new(p, d.threshold_bytes));
         let sub = r.kind.subscribes().then(|| {
-            ctx.hub
-                .subscribe(&topic, r.queue, ctx.route_labels[listener][route].clone())
+            ctx.hub.subscribe_with(
+                &topic,
+                r.queue,
+                ctx.route_labels[listener][route].clone(),
+                pref,
+            )
         });
         Box::new(Self {
             topic,

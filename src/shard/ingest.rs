@@ -24,7 +24,7 @@ use super::sink::Chunk;
 use super::stream::Stream;
 use super::{ListenerShared, ShardCtx, signal};
 use crate::config::{IngestRoute, MetaField, Route};
-use crate::proto::{CloseCode, Conn, Event, MessageKind, Role, State, UpgradeRequest};
+use crate::proto::{CloseCode, Conn, Event, MessageKind, State, UpgradeRequest};
 
 /// Why a message is invalid for the route, or `None` if it is valid.
 fn invalid(ing: &IngestRoute, kind: MessageKind, data: &[u8]) -> Option<Cow<'static, str>> {
@@ -112,15 +112,18 @@ pub(crate) async fn serve(
     stream: &Stream,
     rest: BytesMut,
     route: &Route,
-    ing: &IngestRoute,
     meta: Option<Box<str>>,
+    // The protocol core (with permessage-deflate if negotiated: compressed messages are
+    // inflated before validation).
+    mut conn: Conn,
 ) -> u16 {
     let cfg = &shared.cfg;
+    // Invariant: `Target::Ingest` is only chosen for routes with ingest settings.
+    let ing = route.ingest.as_ref().expect("ingest route");
     // Dead-letter lines carry the metadata as a value (parsed once per connection).
     let meta_value: Option<serde_json::Value> = meta
         .as_deref()
         .map(|m| serde_json::from_str(m).unwrap_or_default());
-    let mut conn = Conn::new(Role::Server, cfg.limits.clone());
     let mut rbuf = Some(rest);
     let mut pending_input = rbuf.as_ref().is_some_and(|b| !b.is_empty());
     let mut out = Vec::new();
@@ -145,9 +148,11 @@ pub(crate) async fn serve(
             pending_input = false;
             // Invariant: pending_input is only set while we own the read buffer.
             let buf = rbuf.as_mut().expect("read buffer present");
-            if let Err(e) = conn.handle_input(buf) {
+            let failed = conn.handle_input(buf).err();
+            if let Some(e) = &failed {
                 code.get_or_insert(e.close_code().0);
             }
+            super::driver::note_deflate(ctx, &mut conn, failed.as_ref());
             let mut good: Vec<Bytes> = Vec::new();
             let mut dead: Vec<Bytes> = Vec::new();
             while let Some(ev) = conn.poll_event() {

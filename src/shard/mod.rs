@@ -281,6 +281,9 @@ pub(crate) struct ShardCtx {
     pub(crate) accept_buckets: Vec<std::cell::RefCell<Option<crate::ratelimit::TokenBucket>>>,
     /// Per listener: the TLS configuration new handshakes use (replaced on reload).
     pub(crate) tls: Vec<std::cell::RefCell<Option<Arc<rustls::ServerConfig>>>>,
+    /// Compresses the messages this shard's connections send with permessage-deflate (no
+    /// context takeover, so one serves them all; broadcasts use the hub's own).
+    pub(crate) deflater: std::cell::RefCell<crate::proto::Compressor>,
 }
 
 impl ShardCtx {
@@ -675,6 +678,7 @@ fn run_shard(
         accept_buckets,
         sinks,
         tls: listeners_tls,
+        deflater: Default::default(),
     });
     rt.block_on(async move {
         let mut accepts = Vec::with_capacity(sockets.len());

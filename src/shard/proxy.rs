@@ -25,11 +25,11 @@ use futures_util::future::{Fuse, FusedFuture, FutureExt};
 use futures_util::select_biased;
 use tracing::debug;
 
-use super::client::{self, Side, Upstream, UpstreamError, random_16};
+use super::client::{self, Side, Upstream, UpstreamError};
 use super::stream::Stream;
 use super::{ListenerShared, ShardCtx};
 use crate::config::ProxyTarget;
-use crate::proto::{CloseCode, Conn, Event, Limits, Role, State, UpgradeRequest};
+use crate::proto::{CloseCode, Conn, Event, State, UpgradeRequest};
 use crate::upstream::Forwarding;
 
 /// Connect a proxy route's upstream for the client request `req` from `peer`.
@@ -55,6 +55,7 @@ pub(crate) async fn connect(
         &target.headers,
         Some(&fwd),
         &req.protocols,
+        target.deflate.as_ref(),
         target.connect_timeout,
     )
     .await
@@ -65,7 +66,7 @@ pub(crate) async fn connect(
 ///
 /// Messages decoded before a protocol error are passed on first, then `to` is closed, so
 /// `to`'s peer sees everything that was valid.
-fn pump(from: &mut Side<'_>, to: &mut Side<'_>) -> Option<u16> {
+fn pump(from: &mut Side<'_>, to: &mut Side<'_>, ctx: &ShardCtx) -> Option<u16> {
     if !from.pending_input {
         return None;
     }
@@ -74,11 +75,14 @@ fn pump(from: &mut Side<'_>, to: &mut Side<'_>) -> Option<u16> {
     // Invariant: pending_input is only set while we own the read buffer.
     let buf = from.rbuf.as_mut().expect("read buffer present");
     let failed = from.conn.handle_input(buf).err();
+    super::driver::note_deflate(ctx, &mut from.conn, failed.as_ref());
+    let mut z = ctx.deflater.borrow_mut();
     while let Some(ev) = from.conn.poll_event() {
         match ev {
-            // Err: `to` is closing; what it can no longer send is dropped with it.
+            // Err: `to` is closing; what it can no longer send is dropped with it. Each hop
+            // negotiated compression on its own: compressed again if `to` did.
             Event::Message { kind, data } => {
-                let _ = to.conn.send(kind, &data);
+                let _ = to.conn.send_compressed(kind, &data, &mut z);
             }
             Event::Close { code, reason } => {
                 let c = code.unwrap_or(CloseCode::NORMAL);
@@ -89,6 +93,8 @@ fn pump(from: &mut Side<'_>, to: &mut Side<'_>) -> Option<u16> {
             Event::Ping(_) | Event::Pong(_) => {}
         }
     }
+    drop(z);
+    super::driver::note_deflate(ctx, &mut to.conn, None);
     if let Some(e) = failed {
         debug!(error = %e, "proxy: protocol error");
         let _ = to.conn.close(CloseCode::GOING_AWAY, "peer protocol error");
@@ -108,16 +114,14 @@ pub(crate) async fn relay(
     client: &Stream,
     client_rest: BytesMut,
     upstream: Upstream,
+    // The client's protocol core (permessage-deflate if negotiated with the client).
+    client_conn: Conn,
 ) -> u16 {
     let cfg = &shared.cfg;
-    let limits: Limits = cfg.limits.clone();
     let max_pending = cfg.max_pending_write_bytes.get();
+    let up_conn = upstream.conn(cfg.limits.clone(), &ctx.metrics);
     let up_stream = upstream.stream;
-    let mut c = Side::new(client, Conn::new(Role::Server, limits.clone()), client_rest);
-    let mut up_conn = Conn::new(Role::Client, limits);
-    up_conn.set_mask_seed(u64::from_le_bytes(
-        random_16()[..8].try_into().unwrap_or([7; 8]),
-    ));
+    let mut c = Side::new(client, client_conn, client_rest);
     let mut u = Side::new(&up_stream, up_conn, upstream.rest);
     let registration = ctx.conns.register(0, 0);
     let signal = &*registration.signal;
@@ -126,10 +130,10 @@ pub(crate) async fn relay(
     let mut timer = pin!(Fuse::terminated());
 
     loop {
-        if let Some(cc) = pump(&mut c, &mut u) {
+        if let Some(cc) = pump(&mut c, &mut u, ctx) {
             code.get_or_insert(cc);
         }
-        if let Some(uc) = pump(&mut u, &mut c) {
+        if let Some(uc) = pump(&mut u, &mut c, ctx) {
             // The upstream's close code is what the client will be told.
             code.get_or_insert(uc);
         }

@@ -22,10 +22,10 @@ use futures_util::select_biased;
 use tracing::{debug, error, info, warn};
 
 use super::ShardCtx;
-use super::client::{self, Rng, Side, random_16};
+use super::client::{self, Rng, Side};
 use crate::config::{SourceConfig, SourceFormat};
 use crate::metrics::SourceSnapshot;
-use crate::proto::{CloseCode, Conn, Event, Limits, MessageKind, Role, State};
+use crate::proto::{CloseCode, Event, Limits, MessageKind, State};
 
 /// Where a source is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +114,7 @@ pub(crate) async fn run(ctx: Rc<ShardCtx>, cfg: SourceConfig, stats: Rc<SourceSt
             &cfg.headers,
             None,
             &protocols,
+            cfg.deflate.as_ref(),
             cfg.connect_timeout,
         )
         .await;
@@ -171,10 +172,7 @@ async fn session(
     up: client::Upstream,
     stats: &SourceStats,
 ) -> (String, bool) {
-    let mut conn = Conn::new(Role::Client, Limits::default());
-    conn.set_mask_seed(u64::from_le_bytes(
-        random_16()[..8].try_into().unwrap_or([3; 8]),
-    ));
+    let mut conn = up.conn(Limits::default(), &ctx.metrics);
     for m in &cfg.subscribe {
         let _ = conn.send(MessageKind::Text, m.as_bytes());
     }
@@ -211,9 +209,11 @@ async fn session(
             side.pending_input = false;
             // Invariant: pending_input is only set while we own the read buffer.
             let buf = side.rbuf.as_mut().expect("read buffer present");
-            if let Err(e) = side.conn.handle_input(buf) {
+            let failed = side.conn.handle_input(buf).err();
+            if let Some(e) = &failed {
                 ended.get_or_insert(format!("protocol error: {e}"));
             }
+            super::driver::note_deflate(ctx, &mut side.conn, failed.as_ref());
             let mut published = false;
             while let Some(ev) = side.conn.poll_event() {
                 match ev {

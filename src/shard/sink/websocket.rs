@@ -301,8 +301,17 @@ impl WsSink<'_> {
         protocols: &[String],
     ) -> Option<Result<client::Upstream, client::UpstreamError>> {
         let (ws, rx) = (self.ws, self.rx);
-        let mut attempt =
-            pin!(client::connect(&ws.url, &ws.headers, None, protocols, ws.connect_timeout).fuse());
+        let mut attempt = pin!(
+            client::connect(
+                &ws.url,
+                &ws.headers,
+                None,
+                protocols,
+                None,
+                ws.connect_timeout
+            )
+            .fuse()
+        );
         loop {
             let now = Instant::now();
             self.on_tick(now);
