@@ -12,7 +12,9 @@ use bytes::BytesMut;
 use wsedge::config::{Config, IoMode};
 use wsedge::metrics::{Snapshot, merge};
 use wsedge::proto::handshake::{generate_key, parse_response, write_client_request};
-use wsedge::proto::{CloseCode, Conn, Event, HandshakeLimits, Limits, MessageKind, Role};
+use wsedge::proto::{
+    CloseCode, Conn, DeflateConfig, Event, HandshakeLimits, Limits, MessageKind, Role,
+};
 use wsedge::shard::Server;
 
 /// Generous bound for a blocking read in tests; a correct server answers in microseconds.
@@ -248,6 +250,21 @@ impl Client {
             .0
     }
 
+    /// Connect offering permessage-deflate (sending compressed above `threshold` bytes);
+    /// panics on failure. `conn.deflate_enabled()` tells whether the server accepted.
+    pub fn connect_deflate(addr: SocketAddr, path: &str, threshold: usize) -> Self {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let cfg = DeflateConfig {
+            threshold_bytes: threshold,
+            ..DeflateConfig::default()
+        };
+        Self::upgrade_full(stream, path, &[], &[], Some(&cfg))
+            .expect("upgrade succeeds")
+            .0
+    }
+
     /// After the close handshake: true if the server then closed the TCP connection.
     pub fn server_closed_tcp(&mut self) -> bool {
         let mut b = [0u8; 64];
@@ -268,14 +285,32 @@ impl<S: Read + Write> Client<S> {
 
     /// [`Client::upgrade`] with extra request headers.
     pub fn upgrade_with(
-        mut stream: S,
+        stream: S,
         path: &str,
         protocols: &[&str],
         headers: &[(&str, &str)],
     ) -> Result<(Self, Option<String>), Refused> {
+        Self::upgrade_full(stream, path, protocols, headers, None)
+    }
+
+    /// [`Client::upgrade_with`], offering permessage-deflate with `deflate` (the protocol
+    /// core then compresses and inflates as negotiated). Any extension in the answer that
+    /// was not offered fails the upgrade.
+    pub fn upgrade_full(
+        mut stream: S,
+        path: &str,
+        protocols: &[&str],
+        headers: &[(&str, &str)],
+        deflate: Option<&DeflateConfig>,
+    ) -> Result<(Self, Option<String>), Refused> {
         let key = generate_key(rand_bytes());
         let mut req = Vec::new();
-        write_client_request("127.0.0.1", path, &key, protocols, headers, &mut req);
+        let offer = deflate.map(wsedge::proto::deflate::client_offer);
+        let mut headers = headers.to_vec();
+        if let Some(o) = &offer {
+            headers.push(("Sec-WebSocket-Extensions", o));
+        }
+        write_client_request("127.0.0.1", path, &key, protocols, &headers, &mut req);
         stream
             .write_all(&req)
             .map_err(|e| Refused::Io(e.to_string()))?;
@@ -299,6 +334,12 @@ impl<S: Read + Write> Client<S> {
                     let _ = buf.split_to(consumed);
                     let mut conn = Conn::new(Role::Client, Limits::default());
                     conn.set_mask_seed(u64::from_le_bytes(rand_bytes()[..8].try_into().unwrap()));
+                    let accepted =
+                        wsedge::proto::deflate::accept_response(&resp.headers, deflate.is_some())
+                            .map_err(|e| Refused::Io(format!("bad extension answer: {e}")))?;
+                    if let (Some(p), Some(d)) = (accepted, deflate) {
+                        conn.set_deflate(&p, d.threshold_bytes);
+                    }
                     let mut client = Self {
                         stream,
                         conn,
@@ -335,6 +376,15 @@ impl<S: Read + Write> Client<S> {
     pub fn send_text(&mut self, s: &str) {
         self.conn.send(MessageKind::Text, s.as_bytes()).unwrap();
         self.flush();
+    }
+
+    /// Send one message compressed with permessage-deflate (if negotiated, above the
+    /// threshold and if it shrinks; plain otherwise). Returns whether it was compressed.
+    pub fn send_compressed(&mut self, kind: MessageKind, b: &[u8]) -> bool {
+        let mut z = wsedge::proto::Compressor::default();
+        let c = self.conn.send_compressed(kind, b, &mut z).unwrap();
+        self.flush();
+        c
     }
 
     /// Send one binary message.
