@@ -12,6 +12,9 @@ use bytes::BytesMut;
 
 use crate::proto::close::CloseCode;
 use crate::proto::conn::{Conn, Event, Limits, MessageKind, Role, State};
+use crate::proto::deflate::{Compressor, DeflateParams};
+use crate::proto::error::ProtoError;
+use crate::proto::frame::{OpCode, encode_frame};
 use crate::proto::handshake::{HandshakeLimits, parse_request, parse_response, write_response_101};
 use crate::proto::mask::{apply_mask, apply_mask_scalar};
 
@@ -155,6 +158,139 @@ pub fn fuzz_handshake(data: &[u8]) {
     }
 }
 
+/// permessage-deflate, differential: the first input byte picks a message size limit, the
+/// message kind and a split into frames; the rest is the compressed payload of one message.
+/// A server [`Conn`] that negotiated the extension is fed those frames in data-derived
+/// chunks, and must agree with a one-shot inflate of the payload into a buffer of
+/// `limit + 1` bytes: the same message, [`ProtoError::InflatedTooLarge`] when that buffer
+/// fills, [`ProtoError::InvalidCompressedData`] when the stream is invalid. Text messages must
+/// be valid UTF-8 or fail with 1007. Then the payload itself is compressed with
+/// [`Compressor`] (windows 9 and 15) and must inflate back to itself.
+pub fn fuzz_inflate(data: &[u8]) {
+    let [flags, payload @ ..] = data else {
+        return;
+    };
+    let limit = [1usize, 100, 4096, 1 << 17][usize::from(flags & 3)];
+    let text = flags & 4 != 0;
+    let pieces = 1 + usize::from((flags >> 3) & 7);
+    let params = DeflateParams {
+        server_no_context_takeover: true,
+        client_no_context_takeover: flags & 0x40 == 0,
+        ..DeflateParams::default()
+    };
+    let limits = Limits {
+        max_frame_bytes: 1 << 20,
+        max_message_bytes: limit,
+    };
+    let mut server = Conn::new(Role::Server, limits);
+    server.set_deflate(&params, 0);
+    let op = if text { OpCode::Text } else { OpCode::Binary };
+    let step = payload.len() / pieces + 1;
+    let mut wire = Vec::new();
+    let chunks: Vec<&[u8]> = if payload.is_empty() {
+        vec![&[]]
+    } else {
+        payload.chunks(step).collect()
+    };
+    for (i, c) in chunks.iter().enumerate() {
+        let start = wire.len();
+        let opcode = if i == 0 { op } else { OpCode::Continuation };
+        encode_frame(
+            i + 1 == chunks.len(),
+            opcode,
+            c,
+            Some([1, 2, 3, 4]),
+            &mut wire,
+        );
+        if i == 0 {
+            wire[start] |= 0x40;
+        }
+    }
+    let mut rng = seed_from(data);
+    let mut buf = BytesMut::new();
+    let mut rest = &wire[..];
+    let mut ours = Ok(());
+    while !rest.is_empty() && ours.is_ok() {
+        let n = chunk_len(&mut rng, rest.len());
+        buf.extend_from_slice(&rest[..n]);
+        rest = &rest[n..];
+        ours = server.handle_input(&mut buf);
+    }
+    let delivered: Vec<Event> = std::iter::from_fn(|| server.poll_event()).collect();
+    let reference = reference_inflate(payload, limit);
+    match (&ours, &reference) {
+        (Ok(()), Ok(expected)) => match &delivered[..] {
+            [Event::Message { kind, data }] => {
+                assert_eq!(&data[..], &expected[..]);
+                assert_eq!(*kind == MessageKind::Text, text);
+                if text {
+                    assert!(std::str::from_utf8(data).is_ok());
+                }
+            }
+            other => panic!("expected one message, got {other:?}"),
+        },
+        (Err(ProtoError::InvalidUtf8), Ok(expected)) => {
+            assert!(text && std::str::from_utf8(expected).is_err());
+        }
+        (Err(e), Err(r)) if text && *e == ProtoError::InvalidUtf8 => {
+            // Invalid text seen before the stream's own end.
+            assert!(matches!(
+                r,
+                ProtoError::InflatedTooLarge | ProtoError::InvalidCompressedData
+            ));
+        }
+        (Err(e), Err(r)) => assert_eq!(e, r),
+        (o, r) => panic!("ours {o:?}, reference {r:?}"),
+    }
+    if let Err(e) = &ours {
+        assert_eq!(server.state(), State::Failed);
+        assert!(matches!(e.close_code().0, 1007 | 1009), "{e:?}");
+        assert!(!server.holds_inflate_state());
+    }
+
+    // Our compressor on arbitrary data: what it produces inflates back.
+    let mut z = Compressor::default();
+    for bits in [9, 15] {
+        if let Some(c) = z.compress(payload, bits) {
+            assert!(c.len() < payload.len());
+            assert_eq!(
+                reference_inflate(c, payload.len()).as_deref(),
+                Ok(payload),
+                "window {bits}"
+            );
+        }
+    }
+}
+
+/// Inflate `payload` + the sync-flush tail in one go into a buffer of `limit + 1` bytes.
+fn reference_inflate(payload: &[u8], limit: usize) -> Result<Vec<u8>, ProtoError> {
+    let mut input = payload.to_vec();
+    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    let mut d = flate2::Decompress::new(false);
+    let mut out = vec![0u8; limit + 1];
+    let mut written = 0;
+    let mut inp = &input[..];
+    loop {
+        let (bi, bo) = (d.total_in(), d.total_out());
+        let status = d
+            .decompress(inp, &mut out[written..], flate2::FlushDecompress::Sync)
+            .map_err(|_| ProtoError::InvalidCompressedData)?;
+        let consumed = (d.total_in() - bi) as usize;
+        let produced = (d.total_out() - bo) as usize;
+        inp = &inp[consumed..];
+        written += produced;
+        if written > limit {
+            return Err(ProtoError::InflatedTooLarge);
+        }
+        if status == flate2::Status::StreamEnd || inp.is_empty() || (consumed == 0 && produced == 0)
+        {
+            break;
+        }
+    }
+    out.truncate(written);
+    Ok(out)
+}
+
 /// Differential test: [`apply_mask`] vs [`apply_mask_scalar`], with key, offset and sub-slice
 /// start taken from the data.
 pub fn fuzz_mask(data: &[u8]) {
@@ -199,7 +335,7 @@ fn chunk_len(rng: &mut u64, remaining: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::frame::{OpCode, encode_frame, encode_header};
+    use crate::proto::frame::encode_header;
     use proptest::prelude::*;
 
     /// Inputs that look like frame streams, so the decoder harness goes deep.
@@ -255,6 +391,25 @@ mod tests {
         #[test]
         fn mask_harness(data in proptest::collection::vec(any::<u8>(), 0..100)) {
             fuzz_mask(&data);
+        }
+
+        #[test]
+        fn inflate_harness(flags in any::<u8>(), body in prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..300),
+            // Real deflate streams (then damaged, sometimes), so the harness goes deep.
+            ("[a-e ]{0,3000}", any::<u16>(), any::<u8>()).prop_map(|(t, at, b)| {
+                let mut z = Compressor::default();
+                let mut c = z.compress(t.as_bytes(), 15).map(<[u8]>::to_vec).unwrap_or_default();
+                if !c.is_empty() && b % 3 == 0 {
+                    let i = usize::from(at) % c.len();
+                    c[i] ^= b | 1;
+                }
+                c
+            }),
+        ]) {
+            let mut data = vec![flags];
+            data.extend_from_slice(&body);
+            fuzz_inflate(&data);
         }
     }
 

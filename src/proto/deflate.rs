@@ -411,8 +411,9 @@ pub(crate) struct ConnDeflate {
     /// Smallest payload sent compressed.
     pub(crate) threshold: u32,
     /// The inflate state: present during a compressed message, and between messages when
-    /// `keep_context`.
-    inflater: Option<Decompress>,
+    /// `keep_context`. Boxed: `Decompress` is 152 bytes inline (a zlib stream), which
+    /// every idle deflate connection would otherwise carry.
+    inflater: Option<Box<Decompress>>,
     /// The peer's stream ended (a block with BFINAL set) during this message: ignore the
     /// rest of the message and start a new stream with the next one.
     ended: bool,
@@ -420,6 +421,8 @@ pub(crate) struct ConnDeflate {
     pub(crate) receiving: bool,
     /// Compressed payload bytes of the message being received.
     message_in: u64,
+    /// Inflated bytes of the message being received (at the front of its buffer).
+    filled: usize,
     pub(crate) stats: DeflateStats,
 }
 
@@ -446,6 +449,7 @@ impl ConnDeflate {
             ended: false,
             receiving: false,
             message_in: 0,
+            filled: 0,
             stats: DeflateStats::default(),
         }
     }
@@ -453,6 +457,12 @@ impl ConnDeflate {
     /// Inflate the next piece of a compressed message (`tail`: this is the message's end,
     /// after the last byte of its final frame) into `out`, which never grows beyond
     /// `limit + 1` bytes. New text is fed to `utf8`.
+    ///
+    /// During a message `out` is kept initialized up to its length and only its first
+    /// `filled` bytes are data, so a step writes into memory zeroed once, when it grew,
+    /// instead of zeroing a step's room for every piece (a 256-byte frame would otherwise
+    /// clear up to [`INFLATE_STEP`] bytes). [`ConnDeflate::finish_message`] cuts it to the
+    /// data.
     pub(crate) fn inflate(
         &mut self,
         input: &[u8],
@@ -465,39 +475,44 @@ impl ConnDeflate {
         if self.ended {
             return Ok(());
         }
-        let z = self.inflater.get_or_insert_with(|| Decompress::new(false));
+        let z = self
+            .inflater
+            .get_or_insert_with(|| Box::new(Decompress::new(false)));
         let (mut input, flush) = if tail {
             (&TAIL[..], FlushDecompress::Sync)
         } else {
             (input, FlushDecompress::None)
         };
         loop {
-            if out.len() == out.capacity() {
-                if out.len() > limit {
+            if self.filled == out.len() {
+                if self.filled > limit {
                     return Err(ProtoError::InflatedTooLarge);
                 }
-                // Geometric growth, starting from a guess of 4x the compressed piece.
-                let want = (out.capacity() * 2)
+                // Geometric growth, starting from a guess of 4x the compressed piece, into a
+                // zeroed allocation (calloc: no pass over the memory) of exactly that size.
+                let want = (out.len() * 2)
                     .max(input.len().saturating_mul(4))
                     .max(256)
                     .min(limit + 1);
-                out.reserve_exact(want - out.len());
+                let mut bigger = vec![0u8; want];
+                bigger[..self.filled].copy_from_slice(&out[..self.filled]);
+                *out = bigger;
             }
-            let start = out.len();
-            let step = (out.capacity() - start).min(INFLATE_STEP);
-            out.resize(start + step, 0);
+            let start = self.filled;
+            let step = (out.len() - start).min(INFLATE_STEP);
             let (in_before, out_before) = (z.total_in(), z.total_out());
-            let status = z.decompress(input, &mut out[start..], flush);
+            let status = z.decompress(input, &mut out[start..start + step], flush);
             let consumed = (z.total_in() - in_before) as usize;
             let produced = (z.total_out() - out_before) as usize;
-            out.truncate(start + produced);
+            self.filled += produced;
             let status = status.map_err(|_| ProtoError::InvalidCompressedData)?;
             input = &input[consumed..];
-            if out.len() > limit {
+            if self.filled > limit {
                 return Err(ProtoError::InflatedTooLarge);
             }
             if let Some(v) = utf8.as_deref_mut() {
-                v.feed(&out[start..]).map_err(|_| ProtoError::InvalidUtf8)?;
+                v.feed(&out[start..self.filled])
+                    .map_err(|_| ProtoError::InvalidUtf8)?;
             }
             if status == Status::StreamEnd {
                 // The peer ended its stream (BFINAL); what follows in this message is not
@@ -508,20 +523,22 @@ impl ConnDeflate {
             if produced < step && input.is_empty() {
                 return Ok(());
             }
-            if produced == 0 && consumed == 0 && produced < step {
+            if produced == 0 && consumed == 0 {
                 // No progress with room to write: the stream cannot go on.
                 return Err(ProtoError::InvalidCompressedData);
             }
         }
     }
 
-    /// The compressed message is complete (`inflated` bytes): count it and drop or reset
-    /// the inflate state.
-    pub(crate) fn finish_message(&mut self, inflated: usize) {
+    /// The compressed message is complete: cut `out` to its data, count it, and drop or
+    /// reset the inflate state.
+    pub(crate) fn finish_message(&mut self, out: &mut Vec<u8>) {
+        out.truncate(self.filled);
         self.stats.inflated += 1;
         self.stats.inflated_in += self.message_in;
-        self.stats.inflated_out += inflated as u64;
+        self.stats.inflated_out += out.len() as u64;
         self.message_in = 0;
+        self.filled = 0;
         self.receiving = false;
         if !self.keep_context {
             self.inflater = None;
@@ -536,6 +553,7 @@ impl ConnDeflate {
     /// A compressed message was abandoned (close in its middle, protocol error).
     pub(crate) fn abandon_message(&mut self) {
         self.receiving = false;
+        self.filled = 0;
         self.ended = false;
         self.message_in = 0;
         self.inflater = None;
@@ -722,7 +740,7 @@ mod tests {
         let mut out = Vec::new();
         d.inflate(data, false, &mut out, limit, None)?;
         d.inflate(&[], true, &mut out, limit, None)?;
-        d.finish_message(out.len());
+        d.finish_message(&mut out);
         Ok(out)
     }
 
@@ -765,6 +783,12 @@ mod tests {
             .collect();
         assert!(c.compress(&noise, 15).is_none());
         assert_eq!(c.compress(b"", 15), None);
+    }
+
+    #[test]
+    fn the_idle_state_is_small() {
+        // Boxed in every connection that negotiated deflate (documented as 96 B there).
+        assert!(std::mem::size_of::<ConnDeflate>() <= 96);
     }
 
     #[test]
