@@ -72,6 +72,8 @@ pub struct IngestParams {
     pub rate: Option<f64>,
     /// Every K-th message of each connection is invalid JSON.
     pub invalid_every: Option<u64>,
+    /// Telemetry-like messages with varied values (realistic compression) instead of padding.
+    pub telemetry: bool,
     /// Measured window.
     pub duration: Duration,
     /// Excluded warm-up before the window.
@@ -91,6 +93,41 @@ pub fn write_message(buf: &mut Vec<u8>, conn: usize, seq: u64, size: usize, inva
     let pad = size.saturating_sub(buf.len() + 2);
     buf.resize(buf.len() + pad, b'x');
     buf.extend_from_slice(if invalid { b"\"," } else { b"\"}" });
+}
+
+/// Write message `seq` of connection `conn` as a telemetry reading of about 200 bytes whose
+/// values vary like real ones (a device id, a timestamp, readings with decimals, a status,
+/// a position), so that a sink's compression ratio means something; `invalid` as in
+/// [`write_message`].
+pub fn write_telemetry(buf: &mut Vec<u8>, conn: usize, seq: u64, invalid: bool) {
+    let r = crate::client::splitmix((conn as u64) << 40 ^ seq);
+    let f = |shift: u32, m: u64| (r >> shift) % m;
+    const STATUS: [&str; 4] = ["ok", "ok", "degraded", "charging"];
+    buf.clear();
+    // Writing into a Vec cannot fail.
+    let _ = write!(
+        buf,
+        "{{\"conn\":{conn},\"seq\":{seq},\"device\":\"sensor-{:05}\",\
+         \"ts\":\"2026-12-01T{:02}:{:02}:{:02}.{:03}Z\",\"temp\":{}.{:02},\"humidity\":{}.{},\
+         \"pressure\":{}.{},\"battery\":{},\"status\":\"{}\",\
+         \"loc\":{{\"lat\":52.{:05},\"lon\":13.{:05}}}",
+        (conn * 7919 + 13) % 100_000,
+        f(0, 24),
+        f(5, 60),
+        f(11, 60),
+        f(17, 1000),
+        f(27, 35),
+        f(33, 100),
+        f(40, 100),
+        f(47, 10),
+        980 + f(50, 60),
+        f(56, 10),
+        f(3, 101),
+        STATUS[f(60, 4) as usize],
+        f(8, 100_000),
+        f(23, 100_000),
+    );
+    buf.extend_from_slice(if invalid { b"," } else { b"}" });
 }
 
 /// Is message `seq` (from 0) of a connection one of the deliberately invalid ones: the K-th,
@@ -400,7 +437,11 @@ impl Outbox<'_> {
     fn queue(&mut self, c: &mut WsClient, at: Instant) -> Result<(), String> {
         let p = self.cx.p;
         let invalid = is_invalid(self.seq, p.invalid_every);
-        write_message(&mut self.msg, self.id, self.seq, p.size, invalid);
+        if p.telemetry {
+            write_telemetry(&mut self.msg, self.id, self.seq, invalid);
+        } else {
+            write_message(&mut self.msg, self.id, self.seq, p.size, invalid);
+        }
         c.conn
             .send(MessageKind::Text, &self.msg)
             .map_err(|e| e.to_string())?;
@@ -708,6 +749,22 @@ fn on_input(c: &mut WsClient, stats: &RefCell<IngestStats>) -> Result<Option<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn telemetry_messages_are_varied_json_of_about_200_bytes() {
+        let mut seen = std::collections::HashSet::new();
+        let mut b = Vec::new();
+        for seq in 0..50 {
+            write_telemetry(&mut b, 7, seq, false);
+            let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+            assert_eq!(v["seq"], seq);
+            assert!((170..=230).contains(&b.len()), "{}", b.len());
+            seen.insert(v["temp"].to_string());
+        }
+        assert!(seen.len() > 20, "values vary");
+        write_telemetry(&mut b, 7, 1, true);
+        assert!(serde_json::from_slice::<serde_json::Value>(&b).is_err());
+    }
 
     #[test]
     fn messages_are_padded_json_and_invalid_ones_are_not_json() {

@@ -200,6 +200,10 @@ struct IngestArgs {
     /// Make every K-th message of each connection invalid JSON (counted separately).
     #[arg(long, value_name = "K")]
     invalid_every: Option<u64>,
+    /// Send telemetry-like readings with varied values (~200 bytes; -s is ignored) instead of
+    /// padded objects, so that a sink's compression ratio is realistic.
+    #[arg(long)]
+    telemetry: bool,
     /// Read the server's ingest counters from this Prometheus endpoint before and after the
     /// run, e.g. http://127.0.0.1:9090/metrics, and report their change.
     #[arg(long, value_name = "URL")]
@@ -1272,6 +1276,7 @@ fn run_ingest(a: IngestArgs) -> anyhow::Result<()> {
         size: a.size,
         rate: a.rate,
         invalid_every: a.invalid_every,
+        telemetry: a.telemetry,
         duration: Duration::from_secs_f64(a.duration),
         warmup: Duration::from_secs_f64(a.warmup),
         sources,
