@@ -26,7 +26,6 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
-use std::future::Future;
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::pin::pin;
@@ -41,7 +40,6 @@ use futures_util::future::{Fuse, FusedFuture, FutureExt};
 use futures_util::select_biased;
 use hdrhistogram::Histogram;
 use wsedge::proto::{CloseCode, Event, MessageKind, State};
-use wsedge::shard::stream::Stream;
 
 use crate::client::{self, Target, WsClient};
 use crate::echo::Timing;
@@ -299,60 +297,34 @@ pub fn worker(
     rt.block_on(async move {
         let stats = Rc::new(RefCell::new(IngestStats::new()));
         let mut clients = Vec::with_capacity(n_conns);
-        // Connect in small batches so a large run does not overflow the server's backlog.
-        for chunk in (first_conn..first_conn + n_conns)
-            .collect::<Vec<_>>()
-            .chunks(64)
+        let range = first_conn..first_conn + n_conns;
+        let salt = 0x1A6E_5700;
+        for (i, r) in
+            client::connect_batched(range, &params.sources, salt, |_| &params.target).await
         {
-            let futs = chunk.iter().map(|&i| {
-                let src =
-                    (!params.sources.is_empty()).then(|| params.sources[i % params.sources.len()]);
-                let target = params.target.clone();
-                async move {
-                    let seed = client::splitmix(i as u64 ^ 0x1A6E_5700);
-                    (i, client::connect(&target, src, seed).await)
+            match r {
+                Ok(c) => {
+                    Live::add(&live.connections, 1);
+                    stats.borrow_mut().stats.connected += 1;
+                    clients.push((i, c));
                 }
-            });
-            for (i, r) in futures_util::future::join_all(futs).await {
-                match r {
-                    Ok(c) => {
-                        Live::add(&live.connections, 1);
-                        stats.borrow_mut().stats.connected += 1;
-                        clients.push((i, c));
-                    }
-                    Err(e) => {
-                        Live::add(&live.errors, 1);
-                        stats.borrow_mut().stats.error(e.label());
-                    }
+                Err(e) => {
+                    Live::add(&live.errors, 1);
+                    stats.borrow_mut().stats.error(e.label());
                 }
             }
         }
-        let _ = connected.send(());
-        while timing.get().is_none() {
-            compio::time::sleep(Duration::from_millis(1)).await;
-        }
-        // Invariant: the loop above waited until the timing was set.
-        let end_at = timing.get().expect("timing set").end;
-        let end = Rc::new(End::default());
-        let ender = {
-            let end = end.clone();
-            compio::runtime::spawn(async move {
-                compio::time::sleep_until(end_at).await;
-                end.fire();
-            })
-        };
+        let (timing, end, ender) = crate::end::start(&connected, &timing, Duration::ZERO).await;
         let tasks: Vec<_> = clients
             .into_iter()
             .map(|(i, c)| {
                 let (params, live, il, stats) =
                     (params.clone(), live.clone(), il.clone(), stats.clone());
-                let (timing, end) = (timing.clone(), end.clone());
+                let end = end.clone();
                 compio::runtime::spawn(async move {
-                    // Invariant: the loop above waited until the timing was set.
-                    let t = timing.get().expect("timing set");
                     let cx = Ctx {
                         p: &params,
-                        t,
+                        t: &timing,
                         stats: &stats,
                         live: &live,
                         il: &il,
@@ -374,14 +346,6 @@ pub fn worker(
             .expect("all tasks finished")
             .into_inner()
     })
-}
-
-fn read_op(s: &Stream, buf: BytesMut) -> impl Future<Output = BufResult<usize, BytesMut>> + '_ {
-    s.read(buf)
-}
-
-fn write_op(s: &Stream, buf: Vec<u8>) -> impl Future<Output = BufResult<(), Vec<u8>>> + '_ {
-    s.write_all(buf)
 }
 
 /// Make room in a connection's read buffer.
@@ -566,11 +530,11 @@ async fn drive(mut c: WsClient, id: usize, cx: Ctx<'_>, end: &End) {
             let mut o = out.take().expect("out buffer present");
             c.conn.poll_transmit(&mut o);
             ob.start_write(Instant::now());
-            write_fut.set(write_op(&stream, o).fuse());
+            write_fut.set(stream.write_all(o).fuse());
         }
         if read_fut.is_terminated() {
             let b = read_buffer(&mut c);
-            read_fut.set(read_op(&stream, b).fuse());
+            read_fut.set(stream.read(b).fuse());
         }
         select_biased! {
             BufResult(r, b) = read_fut => {
@@ -674,7 +638,7 @@ async fn drive(mut c: WsClient, id: usize, cx: Ctx<'_>, end: &End) {
             o.clear();
             c.conn.poll_transmit(&mut o);
             ob.start_write(Instant::now());
-            let BufResult(r, _) = compio::time::timeout_at(deadline, write_op(&stream, o))
+            let BufResult(r, _) = compio::time::timeout_at(deadline, stream.write_all(o))
                 .await
                 .map_err(|_| {
                     format!(
@@ -691,7 +655,7 @@ async fn drive(mut c: WsClient, id: usize, cx: Ctx<'_>, end: &End) {
         loop {
             if read_fut.is_terminated() {
                 let b = read_buffer(&mut c);
-                read_fut.set(read_op(&stream, b).fuse());
+                read_fut.set(stream.read(b).fuse());
             }
             let Ok(BufResult(r, b)) = compio::time::timeout_at(deadline, read_fut.as_mut()).await
             else {
