@@ -58,7 +58,7 @@ const MAX_BATCH_FRAMES: usize = 512;
 /// Echoed payloads of at least this size go out by reference (a vectored write of header
 /// and payload) instead of being copied into the output buffer; below it the copy is
 /// cheaper than the extra iovec and holding on to the read buffer.
-const SHARE_MIN: usize = 4096;
+pub(crate) const SHARE_MIN: usize = 4096;
 
 /// Drive one accepted connection to its end.
 ///

@@ -78,7 +78,13 @@ fn pump(from: &mut Side<'_>, to: &mut Side<'_>) -> Option<u16> {
         match ev {
             // Err: `to` is closing; what it can no longer send is dropped with it.
             Event::Message { kind, data } => {
-                let _ = to.conn.send(kind, &data);
+                // Large payloads towards the client go out by reference (no copy); towards
+                // the upstream they are masked, which copies anyway (`send_shared` does).
+                let _ = if data.len() >= super::driver::SHARE_MIN && to.stream.tls().is_none() {
+                    to.conn.send_shared(kind, data)
+                } else {
+                    to.conn.send(kind, &data)
+                };
             }
             Event::Close { code, reason } => {
                 let c = code.unwrap_or(CloseCode::NORMAL);
