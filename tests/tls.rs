@@ -2,7 +2,8 @@
 //! per test: wss echo (large messages across records), SNI, hot reload with an open
 //! connection, mTLS and client-certificate names per route, and wsedge as a TLS client of
 //! wss upstreams (proxy routes and sources): custom CA, wrong CA, expired certificate,
-//! hostname mismatch, mTLS with and without a client certificate.
+//! hostname mismatch, mTLS with and without a client certificate; and an ingest route whose
+//! WebSocket sink delivers over wss.
 
 mod common;
 
@@ -304,7 +305,64 @@ fn sources_connect_to_wss_upstreams(io: IoMode) {
     assert_eq!(bad.connects, 0, "{bad:?}");
 }
 
+fn ingest_into_a_wss_sink(io: IoMode) {
+    let pki = Pki::new(&format!("sink-{io:?}"));
+    // The sink's upstream: a TLS listener whose pubsub room the sink's batches are published
+    // to; a plain subscriber of the same room reads them.
+    let up = start(
+        io,
+        1,
+        &format!(
+            "{}[[listener.route]]\npath = \"/room/{{topic}}\"\nkind = \"pubsub\"\n\
+             [[listener.route]]\npath = \"/watch/{{topic}}\"\nkind = \"subscribe\"\n",
+            tls_table(&pki.leaf("up", "up", &["localhost"]), "")
+        ),
+    );
+    let srv = start_with(
+        io,
+        1,
+        "[[listener.route]]\npath = \"/in\"\nkind = \"ingest\"\nsink = \"up\"\n",
+        &format!(
+            "[[sink]]\nname = \"up\"\nkind = \"websocket\"\n\
+             url = \"wss://127.0.0.1:{}/room/batches\"\ntls_server_name = \"localhost\"\n\
+             tls_ca = \"{}\"\nmax_batch_messages = 5\n",
+            up.addr.port(),
+            pki.ca().display()
+        ),
+    );
+    // The sink connects at startup: over TLS, verified against the test CA.
+    let deadline = std::time::Instant::now() + common::READ_TIMEOUT;
+    loop {
+        let stats = common::http_get(srv.admin, "/stats").1;
+        if stats.contains("\"state\": \"connected\"") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sink never connected: {stats}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let mut watch = wss(&up, "localhost", &pki.ca(), "/watch/batches");
+    // Both in the room: the sink's connection and the watcher.
+    up.wait_for("the watcher subscribed", |t| t.fanout.subscribers == 2);
+    let mut c = Client::connect(srv.addr, "/in");
+    for i in 0..10 {
+        c.send_text(&format!("{{\"i\":{i}}}"));
+    }
+    // Two batches of five NDJSON lines arrive through the TLS connection.
+    let mut lines = Vec::new();
+    while lines.len() < 10 {
+        let (kind, data) = watch.recv();
+        assert_eq!(kind, MessageKind::Text);
+        lines.extend(String::from_utf8(data).unwrap().lines().map(str::to_string));
+    }
+    let want: Vec<String> = (0..10).map(|i| format!("{{\"i\":{i}}}")).collect();
+    assert_eq!(lines, want);
+}
+
 both_backends!(
+    ingest_into_a_wss_sink,
     wss_echo_sni_and_plain_client_refused,
     hot_reload_keeps_open_connections,
     mtls_and_client_cert_names,

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Ingest benchmark (issue 5): 200-byte JSON messages from 10 wsedge-load connections into an
+# Ingest benchmark (issue 5): ~200-byte JSON telemetry readings (varied values:
+# `wsedge-load ingest --telemetry`) from 10 wsedge-load connections into an
 # ingest route of wsedge (one shard on SERVER_CPU), validated (a real JSON parse), batched
 # (1000 messages / 1 MiB / 100 ms), framed as NDJSON, compressed (zstd or none), and sent to
 # a WebSocket sink: a second wsedge on LOAD_CPU whose `subscribe` route takes the batches
@@ -69,7 +70,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
     pid=$!; STARTED+=("$pid")
     wait_port "$IN_PORT" 15; sleep 0.5
     t0=$(cpu_ticks "$pid"); w0=$(date +%s%N)
-    timeout 120 taskset -c "$LOAD_CPU" "$LOADGEN" ingest "ws://127.0.0.1:$IN_PORT/ingest" -c "$CONNS" -s 200 \
+    timeout 120 taskset -c "$LOAD_CPU" "$LOADGEN" ingest "ws://127.0.0.1:$IN_PORT/ingest" -c "$CONNS" --telemetry \
       -d "$DURATION" -w "$WARMUP" --metrics "http://127.0.0.1:$ADMIN_PORT/metrics" \
       --json "$OUT/$comp-$r.json" >"$OUT/$comp-$r.txt" 2>&1 || log "run $comp $r failed"
     t1=$(cpu_ticks "$pid"); w1=$(date +%s%N)
@@ -85,17 +86,18 @@ python3 - "$OUT" "$ROUNDS" <<'PY'
 import json, statistics, sys
 out, rounds = sys.argv[1], int(sys.argv[2])
 med = statistics.median
-print("| compression | accepted msgs/s | server CPU | msgs per server CPU-s | bytes sent per message | ratio (NDJSON / sent) |")
-print("|---|---|---|---|---|---|")
+print("| compression | accepted msgs/s | server CPU | msgs per server CPU-s | NDJSON bytes per message | bytes sent per message | ratio |")
+print("|---|---|---|---|---|---|---|")
 for comp in ("zstd", "none"):
-    rate, cpu, per, bpm = [], [], [], []
+    rate, cpu, per, bpm, line = [], [], [], [], []
     for r in range(1, rounds + 1):
         j = json.load(open(f"{out}/{comp}-{r}.json"))
         c = float(open(f"{out}/{comp}-{r}.cpu").read())
         msgs, sent = map(float, open(f"{out}/{comp}-{r}.sink").read().split())
         rate.append(j["rate_msgs_per_s"]); cpu.append(c); per.append(j["rate_msgs_per_s"] / max(c, 1) * 100)
         bpm.append(sent / max(msgs, 1))
-    # An NDJSON line is the 200-byte message plus its newline.
-    print(f"| {comp} | {med(rate)/1e3:.0f}k | {med(cpu):.0f}% | {med(per)/1e3:.0f}k | {med(bpm):.1f} | {201/med(bpm):.1f}x |")
+        # An NDJSON line is the message plus its newline.
+        line.append(j["sent_bytes"] / max(j["sent"], 1) + 1)
+    print(f"| {comp} | {med(rate)/1e3:.0f}k | {med(cpu):.0f}% | {med(per)/1e3:.0f}k | {med(line):.0f} | {med(bpm):.1f} | {med(line)/med(bpm):.1f}x |")
 PY
 cleanup

@@ -16,7 +16,6 @@
 //! `receive time − scheduled send time`.
 
 use std::cell::RefCell;
-use std::future::Future;
 use std::net::IpAddr;
 use std::pin::pin;
 use std::rc::Rc;
@@ -29,7 +28,6 @@ use compio::BufResult;
 use futures_util::future::{Fuse, FusedFuture, FutureExt};
 use futures_util::select_biased;
 use wsedge::proto::{CloseCode, Event, MessageKind};
-use wsedge::shard::stream::Stream;
 
 use crate::client::{self, Target, WsClient};
 use crate::echo::Timing;
@@ -299,69 +297,46 @@ pub fn worker(
         let stats = Rc::new(RefCell::new(WorkerStats::new()));
         let tally = Rc::new(RefCell::new(Tally::default()));
         let mut peers = Vec::with_capacity(n);
-        // Connect in small batches so a large run does not overflow the server's backlog.
-        for chunk in (first..first + n).collect::<Vec<_>>().chunks(64) {
-            let futs = chunk.iter().map(|&i| {
-                let src =
-                    (!params.sources.is_empty()).then(|| params.sources[i % params.sources.len()]);
-                let role = params.publisher_at(i);
-                let target = match role {
-                    Some(_) => params.pub_target.clone(),
-                    None => params.sub_target.clone(),
-                };
-                async move {
-                    let seed = client::splitmix(i as u64 ^ 0xB40A_DCA5);
-                    (role, client::connect(&target, src, seed).await)
+        let target = |i| match params.publisher_at(i) {
+            Some(_) => &params.pub_target,
+            None => &params.sub_target,
+        };
+        let results =
+            client::connect_batched(first..first + n, &params.sources, 0xB40A_DCA5, target).await;
+        for (i, r) in results {
+            let role = params.publisher_at(i);
+            let who = if role.is_some() { "pub" } else { "sub" };
+            match r {
+                Ok(c) => {
+                    Live::add(&live.connections, 1);
+                    stats.borrow_mut().connected += 1;
+                    let mut t = tally.borrow_mut();
+                    peers.push(match role {
+                        Some(id) => {
+                            t.pubs_connected += 1;
+                            Peer::Publisher(id, c)
+                        }
+                        None => {
+                            t.subs_connected += 1;
+                            Peer::Subscriber(c)
+                        }
+                    });
                 }
-            });
-            for (role, r) in futures_util::future::join_all(futs).await {
-                let who = if role.is_some() { "pub" } else { "sub" };
-                match r {
-                    Ok(c) => {
-                        Live::add(&live.connections, 1);
-                        stats.borrow_mut().connected += 1;
-                        let mut t = tally.borrow_mut();
-                        peers.push(match role {
-                            Some(id) => {
-                                t.pubs_connected += 1;
-                                Peer::Publisher(id, c)
-                            }
-                            None => {
-                                t.subs_connected += 1;
-                                Peer::Subscriber(c)
-                            }
-                        });
-                    }
-                    Err(e) => {
-                        Live::add(&live.errors, 1);
-                        stats.borrow_mut().error(format!("{who}: {}", e.label()));
-                    }
+                Err(e) => {
+                    Live::add(&live.errors, 1);
+                    stats.borrow_mut().error(format!("{who}: {}", e.label()));
                 }
             }
         }
-        let _ = connected.send(());
-        while timing.get().is_none() {
-            compio::time::sleep(Duration::from_millis(1)).await;
-        }
-        // Invariant: the loop above waited until the timing was set.
-        let stop_at = timing.get().expect("timing set").end + GRACE;
-        let stop = Rc::new(End::default());
-        let stopper = {
-            let stop = stop.clone();
-            compio::runtime::spawn(async move {
-                compio::time::sleep_until(stop_at).await;
-                stop.fire();
-            })
-        };
+        let (timing, stop, stopper) = crate::end::start(&connected, &timing, GRACE).await;
         let tasks: Vec<_> = peers
             .into_iter()
             .map(|peer| {
                 let (params, shared, live) = (params.clone(), shared.clone(), live.clone());
                 let (stats, tally) = (stats.clone(), tally.clone());
-                let (timing, stop) = (timing.clone(), stop.clone());
+                let stop = stop.clone();
                 compio::runtime::spawn(async move {
-                    // Invariant: the loop above waited until the timing was set.
-                    let t = timing.get().expect("timing set");
+                    let t = &timing;
                     let (who, r) = match peer {
                         Peer::Publisher(id, c) => (
                             "pub",
@@ -393,14 +368,6 @@ pub fn worker(
         let tally = tally.take();
         BroadcastStats { stats, tally }
     })
-}
-
-fn read_op(s: &Stream, buf: BytesMut) -> impl Future<Output = BufResult<usize, BytesMut>> + '_ {
-    s.read(buf)
-}
-
-fn write_op(s: &Stream, buf: Vec<u8>) -> impl Future<Output = BufResult<(), Vec<u8>>> + '_ {
-    s.write_all(buf)
 }
 
 /// Make room in a connection's read buffer: at least 4 KiB free, and the rest of a frame
@@ -461,11 +428,11 @@ async fn publish(
             let mut o = out.take().expect("out buffer present");
             c.conn.poll_transmit(&mut o);
             in_write = queued;
-            write_fut.set(write_op(&stream, o).fuse());
+            write_fut.set(stream.write_all(o).fuse());
         }
         if read_fut.is_terminated() {
             let b = read_buffer(&mut c);
-            read_fut.set(read_op(&stream, b).fuse());
+            read_fut.set(stream.read(b).fuse());
         }
         select_biased! {
             BufResult(r, b) = read_fut => {
@@ -549,7 +516,7 @@ async fn publish(
                 o.clear();
                 let _ = c.conn.close(CloseCode::NORMAL, "");
                 c.conn.poll_transmit(&mut o);
-                let BufResult(r, _) = compio::time::timeout_at(deadline, write_op(&stream, o))
+                let BufResult(r, _) = compio::time::timeout_at(deadline, stream.write_all(o))
                     .await
                     .map_err(|_| unwritten())?;
                 r.map_err(|e| format!("write: {}", client::io_kind(&e)))?;
@@ -590,11 +557,11 @@ async fn subscribe(
             // Invariant: `out` is only absent while a write is in flight.
             let mut o = out.take().expect("out buffer present");
             c.conn.poll_transmit(&mut o);
-            write_fut.set(write_op(&stream, o).fuse());
+            write_fut.set(stream.write_all(o).fuse());
         }
         if read_fut.is_terminated() {
             let b = read_buffer(&mut c);
-            read_fut.set(read_op(&stream, b).fuse());
+            read_fut.set(stream.read(b).fuse());
         }
         select_biased! {
             BufResult(r, b) = read_fut => {
@@ -627,7 +594,7 @@ async fn subscribe(
         let mut o = out.take().unwrap_or_default();
         let _ = c.conn.close(CloseCode::NORMAL, "");
         c.conn.poll_transmit(&mut o);
-        let _ = compio::time::timeout(Duration::from_millis(200), write_op(&stream, o)).await;
+        let _ = compio::time::timeout(Duration::from_millis(200), stream.write_all(o)).await;
     }
     (tally, result)
 }

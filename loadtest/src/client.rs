@@ -177,6 +177,28 @@ async fn connect_from(ip: IpAddr, to: SocketAddr) -> Result<TcpStream, ConnectEr
     sock.connect(to).await.map_err(ConnectError::Connect)
 }
 
+/// Connect connections `range`, 64 at a time so that a large run does not overflow the
+/// server's accept backlog: connection `i` goes to `target(i)`, from source address
+/// `i % sources.len()` if any, with its key and masks seeded by `splitmix(i ^ salt)`.
+/// Returns every result with its index, in order.
+pub async fn connect_batched<'t>(
+    range: std::ops::Range<usize>,
+    sources: &[IpAddr],
+    salt: u64,
+    target: impl Fn(usize) -> &'t Target,
+) -> Vec<(usize, Result<WsClient, ConnectError>)> {
+    let mut out = Vec::with_capacity(range.len());
+    for chunk in range.collect::<Vec<_>>().chunks(64) {
+        let futs = chunk.iter().map(|&i| {
+            let src = (!sources.is_empty()).then(|| sources[i % sources.len()]);
+            let t = target(i);
+            async move { (i, connect(t, src, splitmix(i as u64 ^ salt)).await) }
+        });
+        out.extend(futures_util::future::join_all(futs).await);
+    }
+    out
+}
+
 /// 16 bytes of nonce from a seed (splitmix64); keys need only be unpredictable to caches.
 fn nonce(seed: u64) -> [u8; 16] {
     let mut s = seed;

@@ -9,19 +9,16 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::future::Future;
 use std::net::IpAddr;
 use std::pin::pin;
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use compio::BufResult;
 use futures_util::future::{Fuse, FusedFuture, FutureExt};
 use futures_util::select_biased;
 use wsedge::proto::{CloseCode, Event, MessageKind};
-use wsedge::shard::stream::Stream;
 
 use crate::client::{self, Target, WsClient};
 use crate::end::End;
@@ -49,6 +46,7 @@ pub struct EchoParams {
 }
 
 /// When the measured window starts and ends; set once every connection is up.
+#[derive(Clone, Copy, Debug)]
 pub struct Timing {
     /// Start of the measured window (after warm-up).
     pub measure_start: Instant,
@@ -72,64 +70,35 @@ pub fn worker(
     rt.block_on(async move {
         let stats = Rc::new(RefCell::new(WorkerStats::new()));
         let mut clients = Vec::with_capacity(n_conns);
-        // Connect in small batches so a large run does not overflow the server's backlog.
-        for chunk in (first_conn..first_conn + n_conns)
-            .collect::<Vec<_>>()
-            .chunks(64)
+        let range = first_conn..first_conn + n_conns;
+        for (i, r) in
+            client::connect_batched(range, &params.sources, 0x5EED, |_| &params.target).await
         {
-            let futs = chunk.iter().map(|&i| {
-                let src =
-                    (!params.sources.is_empty()).then(|| params.sources[i % params.sources.len()]);
-                let target = params.target.clone();
-                async move {
-                    (
-                        i,
-                        client::connect(&target, src, client::splitmix(i as u64 ^ 0x5EED)).await,
-                    )
+            match r {
+                Ok(c) => {
+                    Live::add(&live.connections, 1);
+                    stats.borrow_mut().connected += 1;
+                    clients.push((i, c));
                 }
-            });
-            for (i, r) in futures_util::future::join_all(futs).await {
-                match r {
-                    Ok(c) => {
-                        Live::add(&live.connections, 1);
-                        stats.borrow_mut().connected += 1;
-                        clients.push((i, c));
-                    }
-                    Err(e) => {
-                        Live::add(&live.errors, 1);
-                        stats.borrow_mut().error(e.label());
-                    }
+                Err(e) => {
+                    Live::add(&live.errors, 1);
+                    stats.borrow_mut().error(e.label());
                 }
             }
         }
-        let _ = connected.send(());
-        while timing.get().is_none() {
-            compio::time::sleep(Duration::from_millis(1)).await;
-        }
-        // Invariant: the loop above waited until the timing was set.
-        let end_at = timing.get().expect("timing set").end;
-        let end = Rc::new(End::default());
-        let ender = {
-            let end = end.clone();
-            compio::runtime::spawn(async move {
-                compio::time::sleep_until(end_at).await;
-                end.fire();
-            })
-        };
+        let (timing, end, ender) = crate::end::start(&connected, &timing, Duration::ZERO).await;
         let tasks: Vec<_> = clients
             .into_iter()
             .map(|(i, c)| {
                 let (params, live, stats) = (params.clone(), live.clone(), stats.clone());
-                let (timing, end) = (timing.clone(), end.clone());
+                let end = end.clone();
                 compio::runtime::spawn(async move {
-                    // Invariant: the loop above waited until the timing was set.
-                    let timing = timing.get().expect("timing set");
                     let schedule = params.rate.map(|rate| {
                         let interval = Duration::from_secs_f64(params.conns as f64 / rate);
                         // Stagger connections evenly over one interval.
                         (interval, interval.mul_f64(i as f64 / params.conns as f64))
                     });
-                    let r = drive(c, &params, timing, &end, schedule, &stats, &live).await;
+                    let r = drive(c, &params, &timing, &end, schedule, &stats, &live).await;
                     live.connections
                         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     if let Err(label) = r {
@@ -190,14 +159,6 @@ fn on_input(
     Ok(n)
 }
 
-fn read_op(s: &Stream, buf: BytesMut) -> impl Future<Output = BufResult<usize, BytesMut>> + '_ {
-    s.read(buf)
-}
-
-fn write_op(s: &Stream, buf: Vec<u8>) -> impl Future<Output = BufResult<(), Vec<u8>>> + '_ {
-    s.write_all(buf)
-}
-
 /// Drive one connection until the end of the run. Reads, writes and the send schedule run
 /// concurrently, so a server that pushes back (stops reading while its replies are not
 /// read) can never deadlock the client: replies are always being read.
@@ -245,14 +206,14 @@ async fn drive(
             // Invariant: `out` is only absent while a write is in flight.
             let mut o = out.take().expect("out buffer present");
             c.conn.poll_transmit(&mut o);
-            write_fut.set(write_op(&stream, o).fuse());
+            write_fut.set(stream.write_all(o).fuse());
         }
         if read_fut.is_terminated() {
             let mut b = std::mem::take(&mut c.rbuf);
             if b.capacity() - b.len() < 4096 {
                 b.reserve(64 * 1024);
             }
-            read_fut.set(read_op(&stream, b).fuse());
+            read_fut.set(stream.read(b).fuse());
         }
         select_biased! {
             BufResult(r, b) = read_fut => {
@@ -298,7 +259,7 @@ async fn drive(
         let mut o = out.take().unwrap_or_default();
         let _ = c.conn.close(CloseCode::NORMAL, "");
         c.conn.poll_transmit(&mut o);
-        let _ = write_op(&stream, o).await;
+        let _ = stream.write_all(o).await;
     }
     Ok(())
 }

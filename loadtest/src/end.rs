@@ -7,6 +7,34 @@ use std::task::{Context, Poll, Waker};
 
 use futures_util::future::FusedFuture;
 
+use crate::echo::Timing;
+
+/// After a worker's connections are up: tell the main thread (`connected`), wait for the run's
+/// timing, and start the task that fires the returned [`End`] `after` the run's end. Returns
+/// the timing, the signal and that task (detach it once the connections are done).
+pub async fn start(
+    connected: &std::sync::mpsc::Sender<()>,
+    timing: &std::sync::OnceLock<Timing>,
+    after: std::time::Duration,
+) -> (Timing, std::rc::Rc<End>, compio::runtime::JoinHandle<()>) {
+    let _ = connected.send(());
+    let t = loop {
+        match timing.get() {
+            Some(t) => break *t,
+            None => compio::time::sleep(std::time::Duration::from_millis(1)).await,
+        }
+    };
+    let end = std::rc::Rc::new(End::default());
+    let ender = {
+        let end = end.clone();
+        compio::runtime::spawn(async move {
+            compio::time::sleep_until(t.end + after).await;
+            end.fire();
+        })
+    };
+    (t, end, ender)
+}
+
 /// Fires once (end of a run, end of reading) and wakes every connection of a worker. Polling it is a
 /// `Cell` read; a compio timer per connection would read the clock and walk the timer tree
 /// on every wake-up, which cost the client a fifth of its rate.

@@ -26,7 +26,6 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
-use std::future::Future;
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::pin::pin;
@@ -41,7 +40,6 @@ use futures_util::future::{Fuse, FusedFuture, FutureExt};
 use futures_util::select_biased;
 use hdrhistogram::Histogram;
 use wsedge::proto::{CloseCode, Event, MessageKind, State};
-use wsedge::shard::stream::Stream;
 
 use crate::client::{self, Target, WsClient};
 use crate::echo::Timing;
@@ -72,6 +70,8 @@ pub struct IngestParams {
     pub rate: Option<f64>,
     /// Every K-th message of each connection is invalid JSON.
     pub invalid_every: Option<u64>,
+    /// Telemetry-like messages with varied values (realistic compression) instead of padding.
+    pub telemetry: bool,
     /// Measured window.
     pub duration: Duration,
     /// Excluded warm-up before the window.
@@ -91,6 +91,41 @@ pub fn write_message(buf: &mut Vec<u8>, conn: usize, seq: u64, size: usize, inva
     let pad = size.saturating_sub(buf.len() + 2);
     buf.resize(buf.len() + pad, b'x');
     buf.extend_from_slice(if invalid { b"\"," } else { b"\"}" });
+}
+
+/// Write message `seq` of connection `conn` as a telemetry reading of about 200 bytes whose
+/// values vary like real ones (a device id, a timestamp, readings with decimals, a status,
+/// a position), so that a sink's compression ratio means something; `invalid` as in
+/// [`write_message`].
+pub fn write_telemetry(buf: &mut Vec<u8>, conn: usize, seq: u64, invalid: bool) {
+    let r = crate::client::splitmix((conn as u64) << 40 ^ seq);
+    let f = |shift: u32, m: u64| (r >> shift) % m;
+    const STATUS: [&str; 4] = ["ok", "ok", "degraded", "charging"];
+    buf.clear();
+    // Writing into a Vec cannot fail.
+    let _ = write!(
+        buf,
+        "{{\"conn\":{conn},\"seq\":{seq},\"device\":\"sensor-{:05}\",\
+         \"ts\":\"2026-12-01T{:02}:{:02}:{:02}.{:03}Z\",\"temp\":{}.{:02},\"humidity\":{}.{},\
+         \"pressure\":{}.{},\"battery\":{},\"status\":\"{}\",\
+         \"loc\":{{\"lat\":52.{:05},\"lon\":13.{:05}}}",
+        (conn * 7919 + 13) % 100_000,
+        f(0, 24),
+        f(5, 60),
+        f(11, 60),
+        f(17, 1000),
+        f(27, 35),
+        f(33, 100),
+        f(40, 100),
+        f(47, 10),
+        980 + f(50, 60),
+        f(56, 10),
+        f(3, 101),
+        STATUS[f(60, 4) as usize],
+        f(8, 100_000),
+        f(23, 100_000),
+    );
+    buf.extend_from_slice(if invalid { b"," } else { b"}" });
 }
 
 /// Is message `seq` (from 0) of a connection one of the deliberately invalid ones: the K-th,
@@ -262,60 +297,34 @@ pub fn worker(
     rt.block_on(async move {
         let stats = Rc::new(RefCell::new(IngestStats::new()));
         let mut clients = Vec::with_capacity(n_conns);
-        // Connect in small batches so a large run does not overflow the server's backlog.
-        for chunk in (first_conn..first_conn + n_conns)
-            .collect::<Vec<_>>()
-            .chunks(64)
+        let range = first_conn..first_conn + n_conns;
+        let salt = 0x1A6E_5700;
+        for (i, r) in
+            client::connect_batched(range, &params.sources, salt, |_| &params.target).await
         {
-            let futs = chunk.iter().map(|&i| {
-                let src =
-                    (!params.sources.is_empty()).then(|| params.sources[i % params.sources.len()]);
-                let target = params.target.clone();
-                async move {
-                    let seed = client::splitmix(i as u64 ^ 0x1A6E_5700);
-                    (i, client::connect(&target, src, seed).await)
+            match r {
+                Ok(c) => {
+                    Live::add(&live.connections, 1);
+                    stats.borrow_mut().stats.connected += 1;
+                    clients.push((i, c));
                 }
-            });
-            for (i, r) in futures_util::future::join_all(futs).await {
-                match r {
-                    Ok(c) => {
-                        Live::add(&live.connections, 1);
-                        stats.borrow_mut().stats.connected += 1;
-                        clients.push((i, c));
-                    }
-                    Err(e) => {
-                        Live::add(&live.errors, 1);
-                        stats.borrow_mut().stats.error(e.label());
-                    }
+                Err(e) => {
+                    Live::add(&live.errors, 1);
+                    stats.borrow_mut().stats.error(e.label());
                 }
             }
         }
-        let _ = connected.send(());
-        while timing.get().is_none() {
-            compio::time::sleep(Duration::from_millis(1)).await;
-        }
-        // Invariant: the loop above waited until the timing was set.
-        let end_at = timing.get().expect("timing set").end;
-        let end = Rc::new(End::default());
-        let ender = {
-            let end = end.clone();
-            compio::runtime::spawn(async move {
-                compio::time::sleep_until(end_at).await;
-                end.fire();
-            })
-        };
+        let (timing, end, ender) = crate::end::start(&connected, &timing, Duration::ZERO).await;
         let tasks: Vec<_> = clients
             .into_iter()
             .map(|(i, c)| {
                 let (params, live, il, stats) =
                     (params.clone(), live.clone(), il.clone(), stats.clone());
-                let (timing, end) = (timing.clone(), end.clone());
+                let end = end.clone();
                 compio::runtime::spawn(async move {
-                    // Invariant: the loop above waited until the timing was set.
-                    let t = timing.get().expect("timing set");
                     let cx = Ctx {
                         p: &params,
-                        t,
+                        t: &timing,
                         stats: &stats,
                         live: &live,
                         il: &il,
@@ -337,14 +346,6 @@ pub fn worker(
             .expect("all tasks finished")
             .into_inner()
     })
-}
-
-fn read_op(s: &Stream, buf: BytesMut) -> impl Future<Output = BufResult<usize, BytesMut>> + '_ {
-    s.read(buf)
-}
-
-fn write_op(s: &Stream, buf: Vec<u8>) -> impl Future<Output = BufResult<(), Vec<u8>>> + '_ {
-    s.write_all(buf)
 }
 
 /// Make room in a connection's read buffer.
@@ -400,7 +401,11 @@ impl Outbox<'_> {
     fn queue(&mut self, c: &mut WsClient, at: Instant) -> Result<(), String> {
         let p = self.cx.p;
         let invalid = is_invalid(self.seq, p.invalid_every);
-        write_message(&mut self.msg, self.id, self.seq, p.size, invalid);
+        if p.telemetry {
+            write_telemetry(&mut self.msg, self.id, self.seq, invalid);
+        } else {
+            write_message(&mut self.msg, self.id, self.seq, p.size, invalid);
+        }
         c.conn
             .send(MessageKind::Text, &self.msg)
             .map_err(|e| e.to_string())?;
@@ -525,11 +530,11 @@ async fn drive(mut c: WsClient, id: usize, cx: Ctx<'_>, end: &End) {
             let mut o = out.take().expect("out buffer present");
             c.conn.poll_transmit(&mut o);
             ob.start_write(Instant::now());
-            write_fut.set(write_op(&stream, o).fuse());
+            write_fut.set(stream.write_all(o).fuse());
         }
         if read_fut.is_terminated() {
             let b = read_buffer(&mut c);
-            read_fut.set(read_op(&stream, b).fuse());
+            read_fut.set(stream.read(b).fuse());
         }
         select_biased! {
             BufResult(r, b) = read_fut => {
@@ -633,7 +638,7 @@ async fn drive(mut c: WsClient, id: usize, cx: Ctx<'_>, end: &End) {
             o.clear();
             c.conn.poll_transmit(&mut o);
             ob.start_write(Instant::now());
-            let BufResult(r, _) = compio::time::timeout_at(deadline, write_op(&stream, o))
+            let BufResult(r, _) = compio::time::timeout_at(deadline, stream.write_all(o))
                 .await
                 .map_err(|_| {
                     format!(
@@ -650,7 +655,7 @@ async fn drive(mut c: WsClient, id: usize, cx: Ctx<'_>, end: &End) {
         loop {
             if read_fut.is_terminated() {
                 let b = read_buffer(&mut c);
-                read_fut.set(read_op(&stream, b).fuse());
+                read_fut.set(stream.read(b).fuse());
             }
             let Ok(BufResult(r, b)) = compio::time::timeout_at(deadline, read_fut.as_mut()).await
             else {
@@ -708,6 +713,22 @@ fn on_input(c: &mut WsClient, stats: &RefCell<IngestStats>) -> Result<Option<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn telemetry_messages_are_varied_json_of_about_200_bytes() {
+        let mut seen = std::collections::HashSet::new();
+        let mut b = Vec::new();
+        for seq in 0..50 {
+            write_telemetry(&mut b, 7, seq, false);
+            let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+            assert_eq!(v["seq"], seq);
+            assert!((170..=230).contains(&b.len()), "{}", b.len());
+            seen.insert(v["temp"].to_string());
+        }
+        assert!(seen.len() > 20, "values vary");
+        write_telemetry(&mut b, 7, 1, true);
+        assert!(serde_json::from_slice::<serde_json::Value>(&b).is_err());
+    }
 
     #[test]
     fn messages_are_padded_json_and_invalid_ones_are_not_json() {

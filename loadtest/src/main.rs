@@ -200,6 +200,10 @@ struct IngestArgs {
     /// Make every K-th message of each connection invalid JSON (counted separately).
     #[arg(long, value_name = "K")]
     invalid_every: Option<u64>,
+    /// Send telemetry-like readings with varied values (~200 bytes; -s is ignored) instead of
+    /// padded objects, so that a sink's compression ratio is realistic.
+    #[arg(long)]
+    telemetry: bool,
     /// Read the server's ingest counters from this Prometheus endpoint before and after the
     /// run, e.g. http://127.0.0.1:9090/metrics, and report their change.
     #[arg(long, value_name = "URL")]
@@ -308,20 +312,29 @@ fn prepare(
     Ok((target, sources))
 }
 
-/// Start `threads` workers, worker `w` getting the contiguous block `first..first + n` of the
+/// Start `threads` pinned workers, worker `w` getting the contiguous block `first..first + n` of the
 /// `conns` connections; `work(first, n)` runs on the worker thread.
 fn spawn_workers<T, F>(conns: usize, threads: usize, work: F) -> Vec<std::thread::JoinHandle<T>>
 where
     T: Send + 'static,
     F: Fn(usize, usize) -> T + Clone + Send + 'static,
 {
+    // One worker per core, pinned round-robin over the cores this process may run on (so
+    // `taskset -c 1 wsedge-load ...` keeps every worker on core 1).
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut first = 0;
     (0..threads)
         .map(|w| {
             let n = conns / threads + usize::from(w < conns % threads);
             let (work, f) = (work.clone(), first);
             first += n;
-            std::thread::spawn(move || work(f, n))
+            let core = (!cores.is_empty()).then(|| cores[w % cores.len()]);
+            std::thread::spawn(move || {
+                if let Some(c) = core {
+                    core_affinity::set_for_current(c);
+                }
+                work(f, n)
+            })
         })
         .collect()
 }
@@ -1272,6 +1285,7 @@ fn run_ingest(a: IngestArgs) -> anyhow::Result<()> {
         size: a.size,
         rate: a.rate,
         invalid_every: a.invalid_every,
+        telemetry: a.telemetry,
         duration: Duration::from_secs_f64(a.duration),
         warmup: Duration::from_secs_f64(a.warmup),
         sources,

@@ -712,17 +712,16 @@ fn validate_source(i: usize, r: &raw::RawSource) -> Result<SourceConfig, ConfigE
             format!("a topic of 1..={MAX_TOPIC_BYTES} bytes is required"),
         ));
     }
-    let format = match r.format.as_str() {
-        "text" => SourceFormat::Text,
-        "binary" => SourceFormat::Binary,
-        "json" => SourceFormat::Json,
-        other => {
-            return Err(ConfigError::new(
-                p("format"),
-                format!("unknown format `{other}` (expected text, binary or json)"),
-            ));
-        }
-    };
+    let format = choose(
+        &r.format,
+        &[
+            ("text", SourceFormat::Text),
+            ("binary", SourceFormat::Binary),
+            ("json", SourceFormat::Json),
+        ],
+        &p("format"),
+        "format",
+    )?;
     let subprotocol = subprotocol(&r.subprotocol, &p)?;
     let heartbeat = if r.heartbeat_message.is_empty() {
         if !r.heartbeat_expect.is_empty() {
@@ -1044,17 +1043,20 @@ fn listener_tls(t: &raw::RawTls, p: &dyn Fn(&str) -> String) -> Result<ServerTls
             files: files(&e.cert, &e.key, &prefix)?,
         });
     }
-    let client_auth = match t.client_auth.as_str() {
-        "" | "none" => ClientAuth::None,
-        "optional" => ClientAuth::Optional,
-        "required" => ClientAuth::Required,
-        other => {
-            return Err(ConfigError::new(
-                p("client_auth"),
-                format!("unknown `{other}` (expected none, optional or required)"),
-            ));
-        }
-    };
+    let client_auth = choose(
+        if t.client_auth.is_empty() {
+            "none"
+        } else {
+            &t.client_auth
+        },
+        &[
+            ("none", ClientAuth::None),
+            ("optional", ClientAuth::Optional),
+            ("required", ClientAuth::Required),
+        ],
+        &p("client_auth"),
+        "client_auth",
+    )?;
     let client_ca = (!t.client_ca.is_empty()).then(|| std::path::PathBuf::from(&t.client_ca));
     if client_auth != ClientAuth::None && client_ca.is_none() {
         return Err(ConfigError::new(
@@ -1062,16 +1064,16 @@ fn listener_tls(t: &raw::RawTls, p: &dyn Fn(&str) -> String) -> Result<ServerTls
             "client certificates need the CA file they are checked against",
         ));
     }
-    let min_version = match t.min_version.as_str() {
-        "" | "1.2" => MinVersion::Tls12,
-        "1.3" => MinVersion::Tls13,
-        other => {
-            return Err(ConfigError::new(
-                p("min_version"),
-                format!("unknown TLS version `{other}` (expected 1.2 or 1.3)"),
-            ));
-        }
-    };
+    let min_version = choose(
+        if t.min_version.is_empty() {
+            "1.2"
+        } else {
+            &t.min_version
+        },
+        &[("1.2", MinVersion::Tls12), ("1.3", MinVersion::Tls13)],
+        &p("min_version"),
+        "TLS version",
+    )?;
     ServerTls::new(default, sni, client_auth, client_ca, min_version)
         .map_err(|e| ConfigError::new(p("cert"), e))
 }
@@ -1160,26 +1162,18 @@ fn ingest_route(
         ));
     };
     let sink = find("sink", sink)?;
-    let json = match r.format.as_deref().unwrap_or("json") {
-        "json" => true,
-        "text" => false,
-        other => {
-            return Err(ConfigError::new(
-                rp("format"),
-                format!("unknown format `{other}` (expected text or json)"),
-            ));
-        }
-    };
-    let close_on_error = match r.on_error.as_deref().unwrap_or("continue") {
-        "continue" => false,
-        "close" => true,
-        other => {
-            return Err(ConfigError::new(
-                rp("on_error"),
-                format!("unknown policy `{other}` (expected continue or close)"),
-            ));
-        }
-    };
+    let json = choose(
+        r.format.as_deref().unwrap_or("json"),
+        &[("text", false), ("json", true)],
+        &rp("format"),
+        "format",
+    )?;
+    let close_on_error = choose(
+        r.on_error.as_deref().unwrap_or("continue"),
+        &[("continue", false), ("close", true)],
+        &rp("on_error"),
+        "policy",
+    )?;
     let dead_letter = match r.dead_letter.as_deref().unwrap_or("") {
         "" => None,
         name => Some(find("dead_letter", name)?),
@@ -1276,16 +1270,15 @@ fn schema(
             nullable: c.nullable,
         });
     }
-    let extra = match r.schema_extra_fields.as_deref().unwrap_or("allow") {
-        "allow" => ExtraFields::Allow,
-        "refuse" => ExtraFields::Refuse,
-        other => {
-            return Err(ConfigError::new(
-                rp("schema_extra_fields"),
-                format!("unknown `{other}` (expected allow or refuse)"),
-            ));
-        }
-    };
+    let extra = choose(
+        r.schema_extra_fields.as_deref().unwrap_or("allow"),
+        &[
+            ("allow", ExtraFields::Allow),
+            ("refuse", ExtraFields::Refuse),
+        ],
+        &rp("schema_extra_fields"),
+        "",
+    )?;
     Ok(Some(Schema { columns, extra }))
 }
 
@@ -1401,27 +1394,25 @@ fn validate_sink(i: usize, r: &raw::RawSink) -> Result<SinkConfig, ConfigError> 
             ));
         }
     };
-    let framing = match r.framing.as_str() {
-        "ndjson" => Framing::Ndjson,
-        "json_array" => Framing::JsonArray,
-        other => {
-            return Err(ConfigError::new(
-                p("framing"),
-                format!("unknown framing `{other}` (expected ndjson or json_array)"),
-            ));
-        }
-    };
-    let compression = match r.compression.as_str() {
-        "none" => Compression::None,
-        "gzip" => Compression::Gzip,
-        "zstd" => Compression::Zstd,
-        other => {
-            return Err(ConfigError::new(
-                p("compression"),
-                format!("unknown compression `{other}` (expected none, gzip or zstd)"),
-            ));
-        }
-    };
+    let framing = choose(
+        &r.framing,
+        &[
+            ("ndjson", Framing::Ndjson),
+            ("json_array", Framing::JsonArray),
+        ],
+        &p("framing"),
+        "framing",
+    )?;
+    let compression = choose(
+        &r.compression,
+        &[
+            ("none", Compression::None),
+            ("gzip", Compression::Gzip),
+            ("zstd", Compression::Zstd),
+        ],
+        &p("compression"),
+        "compression",
+    )?;
     Ok(SinkConfig {
         name: r.name.clone(),
         kind,
@@ -1605,6 +1596,34 @@ fn proxy_target(
             .unwrap_or(false)
             .then(DeflateConfig::default),
     }))
+}
+
+/// `value` as one of `options` (name, value); otherwise an error at `path` that names the
+/// unknown `what` and lists the names ("unknown format `x` (expected text, binary or json)").
+fn choose<T: Copy>(
+    value: &str,
+    options: &[(&str, T)],
+    path: &str,
+    what: &str,
+) -> Result<T, ConfigError> {
+    if let Some((_, v)) = options.iter().find(|(name, _)| *name == value) {
+        return Ok(*v);
+    }
+    let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+    let list = match names.split_last() {
+        Some((last, [])) => (*last).to_string(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    };
+    let what = if what.is_empty() {
+        String::new()
+    } else {
+        format!("{what} ")
+    };
+    Err(ConfigError::new(
+        path,
+        format!("unknown {what}`{value}` (expected {list})"),
+    ))
 }
 
 fn bounded(v: usize, min: usize, max: usize, path: &str) -> Result<usize, ConfigError> {

@@ -221,6 +221,22 @@ impl<'a> Side<'a> {
 
     /// Start a write if output is queued and none is in flight.
     pub(crate) fn start_write(&mut self) {
+        if self.write.is_terminated() && self.conn.has_shared() && !self.failed {
+            // Payloads queued by reference: one vectored write. The output buffer stays
+            // "in flight" with it, so the invariant below holds for both kinds of write.
+            let mut frames = Vec::new();
+            self.conn.poll_transmit_frames(&mut frames);
+            // Invariant: `out` is only absent while a write is in flight.
+            let o = self.out.take().expect("out buffer present");
+            let s = self.stream;
+            self.write = async move {
+                let BufResult(r, _) = s.write_vectored_all(frames).await;
+                BufResult(r, o)
+            }
+            .boxed_local()
+            .fuse();
+            return;
+        }
         if self.write.is_terminated() && self.conn.pending_transmit() > 0 && !self.failed {
             // Invariant: `out` is only absent while a write is in flight.
             let mut o = self.out.take().expect("out buffer present");

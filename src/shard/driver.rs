@@ -38,7 +38,8 @@ use crate::proto::handshake::{
     self, HandshakeLimits, UpgradeRequest, write_error_response, write_response_101,
 };
 use crate::proto::{
-    CloseCode, Conn, DeflateParams, Event, HandshakeError, ProtoError, Role, State, deflate,
+    CloseCode, Conn, DeflateParams, Event, HandshakeError, MessageKind, ProtoError, Role,
+    SendError, State, deflate,
 };
 use crate::ratelimit::MessageLimiter;
 
@@ -60,7 +61,28 @@ const MAX_BATCH_FRAMES: usize = 512;
 /// Echoed payloads of at least this size go out by reference (a vectored write of header
 /// and payload) instead of being copied into the output buffer; below it the copy is
 /// cheaper than the extra iovec and holding on to the read buffer.
-const SHARE_MIN: usize = 4096;
+pub(crate) const SHARE_MIN: usize = 4096;
+
+/// Queue a received message (echoed or relayed) on `conn`, the cheapest way its hop allows:
+/// compressed with the shard's compressor if `conn` negotiated permessage-deflate; large
+/// payloads on plain TCP by reference ([`SHARE_MIN`]; TLS copies into records anyway, so
+/// sharing gains nothing there); otherwise copied into the output buffer.
+pub(crate) fn send_on(
+    ctx: &ShardCtx,
+    conn: &mut Conn,
+    stream: &Stream,
+    kind: MessageKind,
+    data: Bytes,
+) -> Result<(), SendError> {
+    if conn.deflate_enabled() {
+        let mut z = ctx.deflater.borrow_mut();
+        conn.send_compressed(kind, &data, &mut z).map(drop)
+    } else if data.len() >= SHARE_MIN && stream.tls().is_none() {
+        conn.send_shared(kind, data)
+    } else {
+        conn.send(kind, &data)
+    }
+}
 
 /// Drive one accepted connection to its end.
 ///
@@ -798,15 +820,7 @@ fn websocket<'a>(
                             match (route.kind, fan.as_deref()) {
                                 (RouteKind::Echo, _) => {
                                     let n = data.len();
-                                    // TLS copies into records anyway: no point in sharing.
-                                    let sent = if conn.deflate_enabled() {
-                                        let mut z = ctx.deflater.borrow_mut();
-                                        conn.send_compressed(kind, &data, &mut z).map(drop)
-                                    } else if n >= SHARE_MIN && stream.tls().is_none() {
-                                        conn.send_shared(kind, data)
-                                    } else {
-                                        conn.send(kind, &data)
-                                    };
+                                    let sent = send_on(ctx, &mut conn, stream, kind, data);
                                     if sent.is_ok() {
                                         metrics.on_message_out(n);
                                     }

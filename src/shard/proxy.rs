@@ -76,13 +76,14 @@ fn pump(from: &mut Side<'_>, to: &mut Side<'_>, ctx: &ShardCtx) -> Option<u16> {
     let buf = from.rbuf.as_mut().expect("read buffer present");
     let failed = from.conn.handle_input(buf).err();
     super::driver::note_deflate(ctx, &mut from.conn, failed.as_ref());
-    let mut z = ctx.deflater.borrow_mut();
     while let Some(ev) = from.conn.poll_event() {
         match ev {
-            // Err: `to` is closing; what it can no longer send is dropped with it. Each hop
-            // negotiated compression on its own: compressed again if `to` did.
+            // Err: `to` is closing; what it can no longer send is dropped with it.
             Event::Message { kind, data } => {
-                let _ = to.conn.send_compressed(kind, &data, &mut z);
+                // Each hop negotiated compression on its own: compressed again if `to`
+                // did; large payloads towards a plain-TCP client go out by reference
+                // (towards the upstream they are masked, which copies anyway).
+                let _ = super::driver::send_on(ctx, &mut to.conn, to.stream, kind, data);
             }
             Event::Close { code, reason } => {
                 let c = code.unwrap_or(CloseCode::NORMAL);
@@ -93,7 +94,6 @@ fn pump(from: &mut Side<'_>, to: &mut Side<'_>, ctx: &ShardCtx) -> Option<u16> {
             Event::Ping(_) | Event::Pong(_) => {}
         }
     }
-    drop(z);
     super::driver::note_deflate(ctx, &mut to.conn, None);
     if let Some(e) = failed {
         debug!(error = %e, "proxy: protocol error");
