@@ -2084,3 +2084,20 @@ mod tests {
         }
     }
 }
+#[cfg(test)]
+mod tmp_sizes {
+    #[test]
+    fn sizes() {
+        use std::mem::size_of;
+        eprintln!(
+            "Conn {} FIP {} OptFIP {} DC {} Utf8 {} Event {} State {}",
+            size_of::<super::Conn>(),
+            size_of::<super::FrameInProgress>(),
+            size_of::<Option<super::FrameInProgress>>(),
+            size_of::<Option<super::DeferredClose>>(),
+            size_of::<super::Utf8Validator>(),
+            size_of::<super::Event>(),
+            size_of::<super::State>()
+        );
+    }
+}

@@ -129,9 +129,11 @@ pub(crate) fn serve(
                 boxed_ingest(ctx, shared, &stream, rest, r, meta, deflate).await
             }
             Target::Topic(topic) => {
-                let fan = topic.map(|t| Fan::new(ctx, listener_idx, route, t, deflate.as_ref()));
+                // Built in a plain function that takes `deflate` by value: a local borrowed
+                // in this async block is kept in the task state until its scope ends.
+                let (fan, conn) = topic_conn(ctx, listener_idx, route, topic, deflate);
                 let route = &shared.cfg.routes[route];
-                websocket(ctx, shared, &stream, Some(rest), route, fan, seq, deflate).await
+                websocket(ctx, shared, &stream, Some(rest), route, fan, seq, conn).await
             }
         };
         let ctx = &*live.0;
@@ -202,6 +204,19 @@ fn boxed_relay<'a>(
 ) -> LocalBoxFuture<'a, u16> {
     let conn = server_conn(ctx, &shared.cfg, deflate.as_ref());
     Box::pin(proxy::relay(ctx, shared, stream, rest, up, conn))
+}
+
+/// A topic or echo route's topic state (if it has a topic) and protocol core.
+fn topic_conn<'a>(
+    ctx: &'a ShardCtx,
+    listener: usize,
+    route: usize,
+    topic: Option<Arc<str>>,
+    deflate: Option<DeflateParams>,
+) -> (Option<Box<Fan<'a>>>, Conn) {
+    let fan = topic.map(|t| Fan::new(ctx, listener, route, t, deflate.as_ref()));
+    let conn = server_conn(ctx, &ctx.listeners[listener].cfg, deflate.as_ref());
+    (fan, conn)
 }
 
 /// The protocol core of an accepted connection, with permessage-deflate if it was
@@ -729,12 +744,11 @@ fn websocket<'a>(
     // Topic state of a publish/subscribe/pubsub route (see [`Fan`]).
     mut fan: Option<Box<Fan<'a>>>,
     seq: u64,
-    // permessage-deflate parameters, if negotiated.
-    deflate: Option<DeflateParams>,
+    // The protocol core, with permessage-deflate if negotiated. (Made by the caller: the
+    // negotiated parameters would otherwise stay in the task state as an argument.)
+    mut conn: Conn,
 ) -> impl Future<Output = u16> + 'a {
     async move {
-        let cfg = &shared.cfg;
-        let metrics = &ctx.metrics;
         // Per-connection inbound limits (boxed: most routes have none).
         let mut limiter = MessageLimiter::new(
             route.max_messages_per_second,
@@ -742,8 +756,6 @@ fn websocket<'a>(
             Instant::now(),
         )
         .map(Box::new);
-        let mut conn = server_conn(ctx, cfg, deflate.as_ref());
-        let max_pending = cfg.max_pending_write_bytes.get();
 
         // The handshake buffer (1 KiB) is only kept if the client pipelined frames behind its
         // request; otherwise start small. (Assigned over, which frees it: a shadowing `let` would
@@ -759,11 +771,13 @@ fn websocket<'a>(
         // Close code seen for this connection: peer's, ours, or 1006 if none.
         let mut code: Option<u16> = None;
         // Keepalive and drain come from the shard (one sweeper for all connections).
-        let registration = match cfg.idle_timeout {
+        let registration = match shared.cfg.idle_timeout {
             Some(idle) => {
                 let ping_after = ticks(idle, ctx.tick);
-                ctx.conns
-                    .register(ping_after, ping_after + ticks(cfg.pong_timeout, ctx.tick))
+                ctx.conns.register(
+                    ping_after,
+                    ping_after + ticks(shared.cfg.pong_timeout, ctx.tick),
+                )
             }
             None => ctx.conns.register(0, 0),
         };
@@ -792,7 +806,7 @@ fn websocket<'a>(
                 while let Some(ev) = conn.poll_event() {
                     match ev {
                         Event::Message { kind, data } => {
-                            metrics.on_message_in(data.len());
+                            ctx.metrics.on_message_in(data.len());
                             // After a policy close (rate limit, slow consumer) the client's
                             // further messages are not routed. After a drain or idle close
                             // (1001) they are: the client sent them before it saw our close.
@@ -802,7 +816,7 @@ fn websocket<'a>(
                             if let (Some(l), Some(now)) = (limiter.as_deref_mut(), now) {
                                 if let Err(why) = l.admit(data.len(), now) {
                                     if conn.state() == State::Open {
-                                        metrics.on_rate_limit_close(why);
+                                        ctx.metrics.on_rate_limit_close(why);
                                         code.get_or_insert(CloseCode::POLICY.0);
                                         start_close(
                                             &mut conn,
@@ -810,7 +824,7 @@ fn websocket<'a>(
                                             "rate limit exceeded",
                                         );
                                         mode = TimerMode::CloseWait;
-                                        timer = compio::time::sleep(cfg.close_timeout)
+                                        timer = compio::time::sleep(shared.cfg.close_timeout)
                                             .boxed_local()
                                             .fuse();
                                     }
@@ -822,7 +836,7 @@ fn websocket<'a>(
                                     let n = data.len();
                                     let sent = send_on(ctx, &mut conn, stream, kind, data);
                                     if sent.is_ok() {
-                                        metrics.on_message_out(n);
+                                        ctx.metrics.on_message_out(n);
                                     }
                                 }
                                 (RouteKind::Publish | RouteKind::PubSub, Some(f)) => {
@@ -860,7 +874,9 @@ fn websocket<'a>(
                     code.get_or_insert(CloseCode::POLICY.0);
                     start_close(&mut conn, CloseCode::POLICY, "slow consumer");
                     mode = TimerMode::CloseWait;
-                    timer = compio::time::sleep(cfg.close_timeout).boxed_local().fuse();
+                    timer = compio::time::sleep(shared.cfg.close_timeout)
+                        .boxed_local()
+                        .fuse();
                 }
             }
 
@@ -905,8 +921,8 @@ fn websocket<'a>(
             }
 
             // 4. Start a read unless backpressure says otherwise.
-            let backpressured =
-                !write_fut.is_terminated() && conn.pending_transmit() >= max_pending;
+            let backpressured = !write_fut.is_terminated()
+                && conn.pending_transmit() >= shared.cfg.max_pending_write_bytes.get();
             if read_fut.is_terminated() && !backpressured && !peer_eof {
                 // Invariant: the buffer is ours whenever no read is in flight.
                 let mut buf = rbuf.take().expect("read buffer present");
@@ -974,7 +990,7 @@ fn websocket<'a>(
                 flags = signal.wait() => {
                     if flags & signal::PING != 0 {
                         if conn.send_ping(b"wsedge").is_ok() {
-                            metrics.on_ping_sent();
+                            ctx.metrics.on_ping_sent();
                         }
                         // Quiet for idle_timeout: give back the output buffer.
                         if let Some(o) = out.as_mut().filter(|o| o.capacity() > 0) {
@@ -982,11 +998,11 @@ fn websocket<'a>(
                         }
                     }
                     if flags & signal::IDLE_CLOSE != 0 && conn.state() == State::Open {
-                        metrics.on_idle_close();
+                        ctx.metrics.on_idle_close();
                         code.get_or_insert(CloseCode::GOING_AWAY.0);
                         start_close(&mut conn, CloseCode::GOING_AWAY, "idle timeout");
                         mode = TimerMode::CloseWait;
-                        timer = compio::time::sleep(cfg.close_timeout).boxed_local().fuse();
+                        timer = compio::time::sleep(shared.cfg.close_timeout).boxed_local().fuse();
                     }
                     if flags & signal::DRAIN != 0 && conn.state() == State::Open {
                         // Spread the closes over the drain window so clients reconnect gradually.
@@ -1003,7 +1019,7 @@ fn websocket<'a>(
                             code.get_or_insert(CloseCode::GOING_AWAY.0);
                             start_close(&mut conn, CloseCode::GOING_AWAY, "server shutting down");
                             mode = TimerMode::CloseWait;
-                            timer = compio::time::sleep(cfg.close_timeout).boxed_local().fuse();
+                            timer = compio::time::sleep(shared.cfg.close_timeout).boxed_local().fuse();
                         }
                         TimerMode::CloseWait | TimerMode::Linger => break,
                     }
