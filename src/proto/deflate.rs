@@ -4,7 +4,7 @@
 //! This module owns the extension's wire rules: parsing `Sec-WebSocket-Extensions` offers
 //! ([`negotiate`], server role) and answers ([`accept_response`], client role), the
 //! parameters both sides agreed on ([`DeflateParams`]), the per-connection receive state that
-//! [`super::Conn`] keeps only when the extension was negotiated ([`ConnDeflate`]), and the
+//! [`super::Conn`] keeps only when the extension was negotiated (`ConnDeflate`), and the
 //! [`Compressor`] that turns a message payload into a compressed one.
 //!
 //! # Memory
