@@ -272,11 +272,18 @@ fn reference_inflate(payload: &[u8], limit: usize) -> Result<Vec<u8>, ProtoError
     let mut inp = &input[..];
     loop {
         let (bi, bo) = (d.total_in(), d.total_out());
-        let status = d
-            .decompress(inp, &mut out[written..], flate2::FlushDecompress::Sync)
-            .map_err(|_| ProtoError::InvalidCompressedData)?;
+        let result = d.decompress(inp, &mut out[written..], flate2::FlushDecompress::Sync);
         let consumed = (d.total_in() - bi) as usize;
         let produced = (d.total_out() - bo) as usize;
+        let Ok(status) = result else {
+            // Output that fills the buffer comes before the invalid data in stream order:
+            // an inflater fed the stream in pieces meets the size limit first.
+            return Err(if written + produced > limit {
+                ProtoError::InflatedTooLarge
+            } else {
+                ProtoError::InvalidCompressedData
+            });
+        };
         inp = &inp[consumed..];
         written += produced;
         if written > limit {
@@ -411,6 +418,13 @@ mod tests {
             data.extend_from_slice(&body);
             fuzz_inflate(&data);
         }
+    }
+
+    #[test]
+    fn inflate_found_by_fuzzing() {
+        // Too large (limit 1) and invalid further on: fed in pieces, the limit is met first,
+        // which the one-shot reference must agree with (it once said "invalid").
+        fuzz_inflate(&[164, 10, 10, 32, 255, 255, 126]);
     }
 
     #[test]
