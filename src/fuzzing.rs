@@ -425,6 +425,8 @@ mod tests {
         // Too large (limit 1) and invalid further on: fed in pieces, the limit is met first,
         // which the one-shot reference must agree with (it once said "invalid").
         fuzz_inflate(&[164, 10, 10, 32, 255, 255, 126]);
+        // The other way round: one step fills the buffer and meets invalid data.
+        fuzz_inflate(&[212, 59, 38, 6, 255, 35]);
     }
 
     #[test]

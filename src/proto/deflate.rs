@@ -505,11 +505,13 @@ impl ConnDeflate {
             let consumed = (z.total_in() - in_before) as usize;
             let produced = (z.total_out() - out_before) as usize;
             self.filled += produced;
-            let status = status.map_err(|_| ProtoError::InvalidCompressedData)?;
-            input = &input[consumed..];
+            // Past the limit is 1009 even if the same step then met invalid data: the output
+            // came first in stream order, whatever pieces the stream arrived in.
             if self.filled > limit {
                 return Err(ProtoError::InflatedTooLarge);
             }
+            let status = status.map_err(|_| ProtoError::InvalidCompressedData)?;
+            input = &input[consumed..];
             if let Some(v) = utf8.as_deref_mut() {
                 v.feed(&out[start..self.filled])
                     .map_err(|_| ProtoError::InvalidUtf8)?;
