@@ -180,24 +180,28 @@ pub fn negotiate(
     Ok(chosen)
 }
 
+/// The extension's parameters (RFC 7692 7.1), in the order [`param_index`] numbers them.
+const PARAMS: [&str; 4] = [
+    "server_no_context_takeover",
+    "client_no_context_takeover",
+    "server_max_window_bits",
+    "client_max_window_bits",
+];
+
+/// The index in [`PARAMS`] of `key` (case-insensitive), marking it in `seen`; `None` for an
+/// unknown parameter or one already seen (both make an offer or an answer invalid).
+fn param_index(key: &str, seen: &mut [bool; 4]) -> Option<usize> {
+    let i = PARAMS.iter().position(|k| key.eq_ignore_ascii_case(k))?;
+    (!std::mem::replace(&mut seen[i], true)).then_some(i)
+}
+
 /// The answer to one offer, or `None` to decline it.
 fn accept_offer(params: &[(&str, Option<&str>)], cfg: &DeflateConfig) -> Option<DeflateParams> {
     let mut seen = [false; 4];
     let mut client_nct = false;
     let mut server_bits = None;
     for (key, value) in params {
-        let i = [
-            "server_no_context_takeover",
-            "client_no_context_takeover",
-            "server_max_window_bits",
-            "client_max_window_bits",
-        ]
-        .iter()
-        .position(|k| key.eq_ignore_ascii_case(k))?;
-        if std::mem::replace(&mut seen[i], true) {
-            return None;
-        }
-        match (i, value) {
+        match (param_index(key, &mut seen)?, value) {
             // The context-takeover parameters have no value.
             (0, None) => {}
             (1, None) => client_nct = true,
@@ -266,19 +270,7 @@ pub fn accept_response(
     let mut p = DeflateParams::default();
     let mut seen = [false; 4];
     for (key, value) in &ext.params {
-        let i = [
-            "server_no_context_takeover",
-            "client_no_context_takeover",
-            "server_max_window_bits",
-            "client_max_window_bits",
-        ]
-        .iter()
-        .position(|k| key.eq_ignore_ascii_case(k))
-        .ok_or(bad.clone())?;
-        if std::mem::replace(&mut seen[i], true) {
-            return Err(bad);
-        }
-        match (i, value) {
+        match (param_index(key, &mut seen).ok_or(bad.clone())?, value) {
             (0, None) => p.server_no_context_takeover = true,
             (1, None) => p.client_no_context_takeover = true,
             (2, Some(v)) => p.server_max_window_bits = Some(window_bits(v).ok_or(bad.clone())?),
