@@ -11,6 +11,7 @@ use compio::net::TcpStream;
 use futures_util::future::{Fuse, FusedFuture, FutureExt, LocalBoxFuture};
 use tracing::debug;
 
+use super::driver::ReadSize;
 use super::stream::{Stream, connect_tls};
 use crate::proto::handshake::{HandshakeLimits, generate_key, parse_response};
 use crate::proto::{Conn, DeflateConfig, DeflateParams, State, deflate};
@@ -197,6 +198,8 @@ pub(crate) struct Side<'a> {
     pub(crate) failed: bool,
     pub(crate) read: ReadFut<'a>,
     pub(crate) write: WriteFut<'a>,
+    /// Adaptive read size: a 16 KiB message is one receive, not a 4 KiB one and the rest.
+    read_size: ReadSize,
 }
 
 impl<'a> Side<'a> {
@@ -212,6 +215,7 @@ impl<'a> Side<'a> {
             failed: false,
             read: Fuse::terminated(),
             write: Fuse::terminated(),
+            read_size: ReadSize::new(4096),
         }
     }
 
@@ -251,7 +255,7 @@ impl<'a> Side<'a> {
         if self.read.is_terminated() && !blocked && !self.eof && !self.failed {
             // Invariant: the buffer is ours whenever no read is in flight.
             let mut buf = self.rbuf.take().expect("read buffer present");
-            let want = self.conn.bytes_needed().max(4096);
+            let want = self.read_size.want(self.conn.bytes_needed());
             if buf.capacity() - buf.len() < want {
                 buf.reserve(want);
             }
@@ -260,10 +264,26 @@ impl<'a> Side<'a> {
         }
     }
 
+    /// Release a drained read buffer much larger than the current read size, so a hop that
+    /// goes quiet after a burst of large messages does not keep the burst's buffer.
+    pub(crate) fn trim_read_buffer(&mut self) {
+        let limit = 2 * self.read_size.get();
+        if let Some(b) = self
+            .rbuf
+            .as_mut()
+            .filter(|b| b.is_empty() && b.capacity() > limit)
+        {
+            *b = BytesMut::new();
+        }
+    }
+
     pub(crate) fn on_read(&mut self, res: std::io::Result<usize>, buf: BytesMut) {
         match res {
             Ok(0) => self.eof = true,
-            Ok(_) => self.pending_input = true,
+            Ok(n) => {
+                self.read_size.observe(n);
+                self.pending_input = true;
+            }
             Err(e) => {
                 debug!(error = %e, "proxy read failed");
                 self.failed = true;

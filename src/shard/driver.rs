@@ -48,6 +48,45 @@ use crate::ratelimit::MessageLimiter;
 const MIN_READ: usize = 256;
 /// Largest read submitted for streams of small frames.
 const MAX_READ: usize = 64 * 1024;
+
+/// The size of the next read on one connection: doubles while reads fill it (a stream of
+/// large messages is read in one receive each, not in pieces), halves when reads come back
+/// under a quarter of it (a connection that went quiet returns to a small buffer). Never
+/// below the bytes the protocol core already knows it needs (the rest of a large frame).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ReadSize(usize);
+
+impl ReadSize {
+    /// Starting at `initial`, within [`MIN_READ`]..=[`MAX_READ`].
+    pub(crate) const fn new(initial: usize) -> Self {
+        let v = if initial < MIN_READ {
+            MIN_READ
+        } else {
+            initial
+        };
+        Self(if v > MAX_READ { MAX_READ } else { v })
+    }
+
+    /// The current read size.
+    pub(crate) fn get(self) -> usize {
+        self.0
+    }
+
+    /// Bytes to have free in the read buffer for the next read, given what the protocol
+    /// core still `needed` for the frame it is in.
+    pub(crate) fn want(self, needed: usize) -> usize {
+        needed.max(self.0)
+    }
+
+    /// Adapt to a read that returned `n` bytes.
+    pub(crate) fn observe(&mut self, n: usize) {
+        if n >= self.0 && self.0 < MAX_READ {
+            self.0 *= 2;
+        } else if n < self.0 / 4 && self.0 > MIN_READ {
+            self.0 /= 2;
+        }
+    }
+}
 /// An output buffer is kept for reuse after a write unless it is larger than both this and
 /// four times what that write carried (a burst's buffer is not kept by a quiet connection).
 const KEEP_BUFFER: usize = 16 * 1024;
@@ -764,7 +803,7 @@ fn websocket<'a>(
             rbuf = Some(BytesMut::new());
         }
         let mut out: Option<Vec<u8>> = Some(Vec::new());
-        let mut read_size = MIN_READ;
+        let mut read_size = ReadSize::new(MIN_READ);
         let mut peer_eof = false;
         let mut io_failed = false;
         let mut fin_sent = false;
@@ -859,7 +898,7 @@ fn websocket<'a>(
                 }
                 // Release buffers much larger than the current read size once drained, so a
                 // connection that goes quiet after a burst does not keep the burst's buffer.
-                if buf.is_empty() && buf.capacity() > 2 * read_size {
+                if buf.is_empty() && buf.capacity() > 2 * read_size.get() {
                     *buf = BytesMut::new();
                 }
             }
@@ -926,7 +965,7 @@ fn websocket<'a>(
             if read_fut.is_terminated() && !backpressured && !peer_eof {
                 // Invariant: the buffer is ours whenever no read is in flight.
                 let mut buf = rbuf.take().expect("read buffer present");
-                let want = conn.bytes_needed().max(read_size);
+                let want = read_size.want(conn.bytes_needed());
                 if buf.capacity() - buf.len() < want {
                     buf.reserve(want);
                 }
@@ -941,12 +980,7 @@ fn websocket<'a>(
                         }
                         Ok(n) => {
                             signal.touch();
-                            // Adapt the read size: grow while reads fill the buffer.
-                            if n >= read_size && read_size < MAX_READ {
-                                read_size *= 2;
-                            } else if n < read_size / 4 && read_size > MIN_READ {
-                                read_size /= 2;
-                            }
+                            read_size.observe(n);
                             if fin_sent {
                                 // Lingering: discard whatever the peer still sends.
                                 let mut b = buf;
@@ -1107,4 +1141,40 @@ fn spread(seq: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MAX_READ, MIN_READ, ReadSize};
+
+    /// Reads that fill the buffer double the next one up to MAX_READ; short reads halve it
+    /// back to MIN_READ; a frame's known remainder always wins over the adaptive size.
+    #[test]
+    fn read_size_follows_the_traffic_within_its_bounds() {
+        let mut r = ReadSize::new(4096);
+        assert_eq!(r.want(20_000), 20_000);
+        assert_eq!(r.want(2), 4096);
+        // A stream of 16 KiB frames (16,392 bytes with the header): after the few reads that
+        // came back full, a whole frame fits one read.
+        r.observe(4096);
+        r.observe(8192);
+        r.observe(16_384);
+        assert!(r.get() >= 16 * 1024 + 8);
+        for _ in 0..20 {
+            r.observe(r.get());
+        }
+        assert_eq!(r.get(), MAX_READ);
+        // A reply of a few bytes per read: back to the small idle buffer, and no lower.
+        for _ in 0..20 {
+            r.observe(26);
+        }
+        assert_eq!(r.get(), MIN_READ);
+        // Reads between a quarter and the whole size keep it where it is.
+        let mut s = ReadSize::new(1024);
+        s.observe(300);
+        s.observe(1023);
+        assert_eq!(s.get(), 1024);
+        assert_eq!(ReadSize::new(1).get(), MIN_READ);
+        assert_eq!(ReadSize::new(usize::MAX).get(), MAX_READ);
+    }
 }

@@ -100,9 +100,7 @@ fn pump(from: &mut Side<'_>, to: &mut Side<'_>, ctx: &ShardCtx) -> Option<u16> {
         let _ = to.conn.close(CloseCode::GOING_AWAY, "peer protocol error");
         seen.get_or_insert(e.close_code().0);
     }
-    if buf.is_empty() && buf.capacity() > 64 * 1024 {
-        *buf = BytesMut::new();
-    }
+    from.trim_read_buffer();
     seen
 }
 

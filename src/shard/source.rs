@@ -245,6 +245,7 @@ async fn session(
             if published {
                 ctx.link.flush();
             }
+            side.trim_read_buffer();
         }
         side.start_write();
         if side.failed || side.eof {
