@@ -45,7 +45,7 @@ use crate::ratelimit::MessageLimiter;
 
 /// Smallest read submitted; also the read buffer of a connection that has gone quiet. Small
 /// because an idle connection holds exactly one of these in its pending read.
-const MIN_READ: usize = 256;
+const MIN_READ: usize = 128;
 /// Largest read submitted for streams of small frames.
 const MAX_READ: usize = 64 * 1024;
 
