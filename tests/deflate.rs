@@ -70,7 +70,7 @@ fn echo_compressed(io: IoMode) {
     c.send_raw(&first);
     c.send_raw(&common::masked_frame(true, 0x0, b));
     assert_eq!(c.recv().1, big.as_bytes());
-    srv.wait_for("deflate counters", |t| t.deflate.inflated == 2);
+    srv.wait_for("deflate counters", |t| t.deflate.stats.inflated == 2);
     assert_eq!(metric(&srv, "wsedge_deflate_connections_total"), 1);
     assert_eq!(metric(&srv, "wsedge_deflate_messages_inflated_total"), 2);
     assert_eq!(metric(&srv, "wsedge_deflate_messages_compressed_total"), 3);
@@ -237,9 +237,9 @@ fn proxy_and_source_negotiate_upstream(io: IoMode) {
     assert_eq!(c.recv().1, big.as_bytes());
     assert_eq!(c.conn.take_deflate_stats().unwrap().inflated, 1);
     // The front inflated from the client and from the upstream, and compressed both ways.
-    let t = front.wait_for("proxy deflate", |t| t.deflate.inflated >= 2);
+    let t = front.wait_for("proxy deflate", |t| t.deflate.stats.inflated >= 2);
     assert!(t.deflate.connections >= 2, "{:?}", t.deflate);
-    assert!(t.deflate.compressed >= 2, "{:?}", t.deflate);
+    assert!(t.deflate.stats.compressed >= 2, "{:?}", t.deflate);
     // The source's upstream sends a compressed broadcast; its subscriber (plain) gets it.
     front.wait_for("source connected", |t| {
         t.sources.first().is_some_and(|s| s.state == "connected")

@@ -11,6 +11,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::fanout::FanoutSnapshot;
+use crate::proto::DeflateStats;
 
 /// Why a handshake did not end in `101 Switching Protocols`. Metric label `reason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,12 +154,7 @@ pub struct ShardMetrics {
 #[derive(Debug, Default)]
 struct DeflateCells {
     connections: Cell<u64>,
-    compressed: Cell<u64>,
-    compressed_in: Cell<u64>,
-    compressed_out: Cell<u64>,
-    inflated: Cell<u64>,
-    inflated_in: Cell<u64>,
-    inflated_out: Cell<u64>,
+    stats: Cell<DeflateStats>,
     bomb_closes: Cell<u64>,
 }
 
@@ -229,14 +225,10 @@ impl ShardMetrics {
 
     /// A connection's compression counters since they were last taken
     /// ([`crate::proto::Conn::take_deflate_stats`]).
-    pub fn on_deflate(&self, s: &crate::proto::DeflateStats) {
-        let d = &self.deflate;
-        bump(&d.compressed, s.compressed);
-        bump(&d.compressed_in, s.compressed_in);
-        bump(&d.compressed_out, s.compressed_out);
-        bump(&d.inflated, s.inflated);
-        bump(&d.inflated_in, s.inflated_in);
-        bump(&d.inflated_out, s.inflated_out);
+    pub fn on_deflate(&self, s: &DeflateStats) {
+        let mut t = self.deflate.stats.get();
+        t.add(s);
+        self.deflate.stats.set(t);
     }
 
     /// A connection was failed (1009) because a compressed message inflated past
@@ -279,12 +271,7 @@ impl ShardMetrics {
             ingest_waits: self.ingest_waits.get(),
             deflate: DeflateSnapshot {
                 connections: self.deflate.connections.get(),
-                compressed: self.deflate.compressed.get(),
-                compressed_in: self.deflate.compressed_in.get(),
-                compressed_out: self.deflate.compressed_out.get(),
-                inflated: self.deflate.inflated.get(),
-                inflated_in: self.deflate.inflated_in.get(),
-                inflated_out: self.deflate.inflated_out.get(),
+                stats: self.deflate.stats.get(),
                 bomb_closes: self.deflate.bomb_closes.get(),
             },
             handshake_failures: HandshakeFailure::ALL
@@ -351,18 +338,10 @@ pub struct Snapshot {
 pub struct DeflateSnapshot {
     /// Connections (client-facing and upstream) that negotiated permessage-deflate.
     pub connections: u64,
-    /// Messages sent compressed (echo replies, proxied messages; not broadcasts).
-    pub compressed: u64,
-    /// Their payload bytes before compression.
-    pub compressed_in: u64,
-    /// Their payload bytes after compression.
-    pub compressed_out: u64,
-    /// Compressed messages received and inflated.
-    pub inflated: u64,
-    /// Their payload bytes as received.
-    pub inflated_in: u64,
-    /// Their payload bytes after inflating.
-    pub inflated_out: u64,
+    /// Messages sent compressed (echo replies, proxied messages; not broadcasts) and
+    /// compressed messages inflated, with their bytes (flattened into this object in JSON).
+    #[serde(flatten)]
+    pub stats: DeflateStats,
     /// Connections closed with 1009 because a compressed message inflated past
     /// `max_message_bytes` (decompression bombs among them).
     pub bomb_closes: u64,
@@ -371,12 +350,7 @@ pub struct DeflateSnapshot {
 impl DeflateSnapshot {
     fn merge(&mut self, o: &Self) {
         self.connections += o.connections;
-        self.compressed += o.compressed;
-        self.compressed_in += o.compressed_in;
-        self.compressed_out += o.compressed_out;
-        self.inflated += o.inflated;
-        self.inflated_in += o.inflated_in;
-        self.inflated_out += o.inflated_out;
+        self.stats.add(&o.stats);
         self.bomb_closes += o.bomb_closes;
     }
 }
@@ -699,32 +673,32 @@ pub fn render_prometheus(info: &Info, snaps: &[Snapshot]) -> String {
         (
             "wsedge_deflate_messages_compressed_total",
             "Messages sent compressed on a connection (echo replies, proxied messages).",
-            d.compressed,
+            d.stats.compressed,
         ),
         (
             "wsedge_deflate_compressed_bytes_in_total",
             "Payload bytes of those messages before compression.",
-            d.compressed_in,
+            d.stats.compressed_in,
         ),
         (
             "wsedge_deflate_compressed_bytes_out_total",
             "Payload bytes of those messages after compression.",
-            d.compressed_out,
+            d.stats.compressed_out,
         ),
         (
             "wsedge_deflate_messages_inflated_total",
             "Compressed messages received and inflated.",
-            d.inflated,
+            d.stats.inflated,
         ),
         (
             "wsedge_deflate_inflated_bytes_in_total",
             "Payload bytes of those messages as received (compressed).",
-            d.inflated_in,
+            d.stats.inflated_in,
         ),
         (
             "wsedge_deflate_inflated_bytes_out_total",
             "Payload bytes of those messages after inflating.",
-            d.inflated_out,
+            d.stats.inflated_out,
         ),
         (
             "wsedge_deflate_bomb_closes_total",
@@ -1020,6 +994,56 @@ pub fn render_stats_json(info: &Info, snaps: &[Snapshot]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The deflate part of `/stats` is one flat object: the per-connection counters of the
+    /// protocol core (`DeflateStats`) sit beside the shard's own, and merging adds them.
+    #[test]
+    fn deflate_counters_are_one_flat_object_and_merge() {
+        let m = ShardMetrics::default();
+        m.on_deflate_negotiated();
+        let s = DeflateStats {
+            compressed: 2,
+            compressed_in: 300,
+            compressed_out: 40,
+            inflated: 1,
+            inflated_in: 10,
+            inflated_out: 500,
+        };
+        m.on_deflate(&s);
+        m.on_deflate(&s);
+        m.on_inflate_bomb();
+        let mut d = m.snapshot(0).deflate;
+        assert_eq!(d.stats.compressed, 4);
+        assert_eq!(d.stats.inflated_out, 1000);
+        let json = serde_json::to_value(&d).unwrap();
+        // (serde_json's map is sorted by key)
+        let keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "bomb_closes",
+                "compressed",
+                "compressed_in",
+                "compressed_out",
+                "connections",
+                "inflated",
+                "inflated_in",
+                "inflated_out",
+            ]
+        );
+        assert_eq!(json["inflated_in"], 20);
+        let other = d.clone();
+        d.merge(&other);
+        assert_eq!(
+            (d.connections, d.stats.compressed_in, d.bomb_closes),
+            (2, 1200, 2)
+        );
+    }
 
     #[test]
     fn counters_snapshot_merge_and_render() {

@@ -281,8 +281,9 @@ pub fn accept_response(
     Ok(Some(p))
 }
 
-/// Counters of one connection's compression, taken with [`super::Conn::take_deflate_stats`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Counters of one connection's compression, taken with [`super::Conn::take_deflate_stats`];
+/// also the message and byte part of a shard's deflate counters (`metrics::DeflateSnapshot`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct DeflateStats {
     /// Messages sent compressed.
@@ -297,6 +298,23 @@ pub struct DeflateStats {
     pub inflated_in: u64,
     /// Their payload bytes after inflating.
     pub inflated_out: u64,
+}
+
+impl DeflateStats {
+    /// Add `o`'s counts to these (wrapping, as counters do).
+    pub fn add(&mut self, o: &DeflateStats) {
+        let pairs = [
+            (&mut self.compressed, o.compressed),
+            (&mut self.compressed_in, o.compressed_in),
+            (&mut self.compressed_out, o.compressed_out),
+            (&mut self.inflated, o.inflated),
+            (&mut self.inflated_in, o.inflated_in),
+            (&mut self.inflated_out, o.inflated_out),
+        ];
+        for (a, b) in pairs {
+            *a = a.wrapping_add(b);
+        }
+    }
 }
 
 /// Compresses message payloads (RFC 7692 7.2.1) without context takeover: each payload is
