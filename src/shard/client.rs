@@ -198,13 +198,17 @@ pub(crate) struct Side<'a> {
     pub(crate) failed: bool,
     pub(crate) read: ReadFut<'a>,
     pub(crate) write: WriteFut<'a>,
-    /// Adaptive read size: a 16 KiB message is one receive, not a 4 KiB one and the rest.
+    /// Adaptive read size: a 16 KiB message is one receive, not a 4 KiB one and the rest;
+    /// an idle hop holds only the smallest read buffer.
     read_size: ReadSize,
 }
 
 impl<'a> Side<'a> {
     pub(crate) fn new(stream: &'a Stream, conn: Conn, rest: BytesMut) -> Self {
         let pending_input = !rest.is_empty();
+        // The handshake's read buffer (1 KiB or more) is kept only if frames came behind the
+        // handshake; a quiet hop starts with the small idle buffer, as server connections do.
+        let rest = if pending_input { rest } else { BytesMut::new() };
         Self {
             stream,
             conn,
@@ -215,7 +219,7 @@ impl<'a> Side<'a> {
             failed: false,
             read: Fuse::terminated(),
             write: Fuse::terminated(),
-            read_size: ReadSize::new(4096),
+            read_size: ReadSize::default(),
         }
     }
 

@@ -56,6 +56,13 @@ const MAX_READ: usize = 64 * 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ReadSize(usize);
 
+impl Default for ReadSize {
+    /// The idle size, [`MIN_READ`].
+    fn default() -> Self {
+        Self::new(MIN_READ)
+    }
+}
+
 impl ReadSize {
     /// Starting at `initial`, within [`MIN_READ`]..=[`MAX_READ`].
     pub(crate) const fn new(initial: usize) -> Self {
@@ -803,7 +810,7 @@ fn websocket<'a>(
             rbuf = Some(BytesMut::new());
         }
         let mut out: Option<Vec<u8>> = Some(Vec::new());
-        let mut read_size = ReadSize::new(MIN_READ);
+        let mut read_size = ReadSize::default();
         let mut peer_eof = false;
         let mut io_failed = false;
         let mut fin_sent = false;
