@@ -206,9 +206,11 @@ pub(crate) struct Side<'a> {
 impl<'a> Side<'a> {
     pub(crate) fn new(stream: &'a Stream, conn: Conn, rest: BytesMut) -> Self {
         let pending_input = !rest.is_empty();
-        // The handshake's read buffer (1 KiB or more) is kept only if frames came behind the
+        // The handshake's read buffer (1 KiB) is kept only if frames came behind the
         // handshake; a quiet hop starts with the small idle buffer, as server connections do.
-        let rest = if pending_input { rest } else { BytesMut::new() };
+        let read_size = ReadSize::default();
+        let mut rest = rest;
+        read_size.trim(&mut rest);
         Self {
             stream,
             conn,
@@ -219,7 +221,7 @@ impl<'a> Side<'a> {
             failed: false,
             read: Fuse::terminated(),
             write: Fuse::terminated(),
-            read_size: ReadSize::default(),
+            read_size,
         }
     }
 
@@ -271,13 +273,8 @@ impl<'a> Side<'a> {
     /// Release a drained read buffer much larger than the current read size, so a hop that
     /// goes quiet after a burst of large messages does not keep the burst's buffer.
     pub(crate) fn trim_read_buffer(&mut self) {
-        let limit = 2 * self.read_size.get();
-        if let Some(b) = self
-            .rbuf
-            .as_mut()
-            .filter(|b| b.is_empty() && b.capacity() > limit)
-        {
-            *b = BytesMut::new();
+        if let Some(b) = self.rbuf.as_mut() {
+            self.read_size.trim(b);
         }
     }
 

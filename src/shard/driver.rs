@@ -65,17 +65,13 @@ impl Default for ReadSize {
 
 impl ReadSize {
     /// Starting at `initial`, within [`MIN_READ`]..=[`MAX_READ`].
-    pub(crate) const fn new(initial: usize) -> Self {
-        let v = if initial < MIN_READ {
-            MIN_READ
-        } else {
-            initial
-        };
-        Self(if v > MAX_READ { MAX_READ } else { v })
+    pub(crate) fn new(initial: usize) -> Self {
+        Self(initial.clamp(MIN_READ, MAX_READ))
     }
 
     /// The current read size.
-    pub(crate) fn get(self) -> usize {
+    #[cfg(test)]
+    fn get(self) -> usize {
         self.0
     }
 
@@ -93,7 +89,17 @@ impl ReadSize {
             self.0 /= 2;
         }
     }
+
+    /// Release `buf` if it is drained and much larger than the current read size, so a
+    /// connection that goes quiet after a burst (or after its handshake) does not keep the
+    /// larger buffer; the next read allocates what it wants.
+    pub(crate) fn trim(self, buf: &mut BytesMut) {
+        if buf.is_empty() && buf.capacity() > 2 * self.0 {
+            *buf = BytesMut::new();
+        }
+    }
 }
+
 /// An output buffer is kept for reuse after a write unless it is larger than both this and
 /// four times what that write carried (a burst's buffer is not kept by a quiet connection).
 const KEEP_BUFFER: usize = 16 * 1024;
@@ -903,11 +909,7 @@ fn websocket<'a>(
                 if route.kind.publishes() {
                     ctx.link.flush();
                 }
-                // Release buffers much larger than the current read size once drained, so a
-                // connection that goes quiet after a burst does not keep the burst's buffer.
-                if buf.is_empty() && buf.capacity() > 2 * read_size.get() {
-                    *buf = BytesMut::new();
-                }
+                read_size.trim(buf);
             }
 
             // A subscriber that fell too far behind under the `close` policy: 1008.
@@ -1181,6 +1183,18 @@ mod tests {
         s.observe(300);
         s.observe(1023);
         assert_eq!(s.get(), 1024);
+        // A drained buffer much larger than the read size is released; others are kept.
+        let idle = ReadSize::default();
+        let mut big = bytes::BytesMut::with_capacity(1024);
+        idle.trim(&mut big);
+        assert_eq!(big.capacity(), 0);
+        let mut small = bytes::BytesMut::with_capacity(MIN_READ);
+        idle.trim(&mut small);
+        assert!(small.capacity() >= MIN_READ);
+        let mut busy = bytes::BytesMut::with_capacity(1024);
+        busy.extend_from_slice(b"x");
+        idle.trim(&mut busy);
+        assert!(busy.capacity() >= 1024);
         assert_eq!(ReadSize::new(1).get(), MIN_READ);
         assert_eq!(ReadSize::new(usize::MAX).get(), MAX_READ);
     }
