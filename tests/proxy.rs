@@ -53,7 +53,23 @@ fn echo_through_a_real_upstream(io: IoMode) {
     assert_eq!(c.expect_close(), Some(CloseCode::NORMAL));
     let t = up.wait_for("upstream saw the close", |t| t.closes(1000) == 1);
     assert_eq!(t.messages_in, 202);
-    srv.wait_for("proxy saw the close", |t| t.closes(1000) == 1);
+    let t = srv.wait_for("proxy saw the close", |t| t.closes(1000) == 1);
+    // The proxy counts what it relayed, both ways: 202 messages of 1,000,495 payload bytes
+    // ("hello", the 1 MB binary, "0".."199"), in from the client, passed upstream, back from
+    // the upstream and queued for the client.
+    let bytes = 5
+        + 1_000_000
+        + (0..200)
+            .map(|i: u32| i.to_string().len() as u64)
+            .sum::<u64>();
+    assert_eq!((t.messages_in, t.bytes_in), (202, bytes));
+    let p = &t.proxy;
+    assert_eq!((p.to_upstream_messages, p.to_upstream_bytes), (202, bytes));
+    assert_eq!(
+        (p.from_upstream_messages, p.from_upstream_bytes),
+        (202, bytes)
+    );
+    assert_eq!((t.messages_out, t.bytes_out), (202, bytes));
 }
 
 /// A scripted upstream: accepts connections on its own thread; for each, sends the request

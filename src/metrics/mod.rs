@@ -144,6 +144,7 @@ pub struct ShardMetrics {
     ingest_accepted: Cell<u64>,
     ingest_invalid: Cell<u64>,
     ingest_waits: Cell<u64>,
+    proxy: [Cell<u64>; 4],
     deflate: DeflateCells,
     handshake_failures: [Cell<u64>; HandshakeFailure::ALL.len()],
     rate_limit_closes: [Cell<u64>; 2],
@@ -201,6 +202,19 @@ impl ShardMetrics {
     /// A connection was closed for silence after a ping.
     pub fn on_idle_close(&self) {
         bump(&self.idle_closes, 1);
+    }
+
+    /// A proxy route passed a client's message of `bytes` to its upstream.
+    pub fn on_proxy_to_upstream(&self, bytes: usize) {
+        bump(&self.proxy[0], 1);
+        bump(&self.proxy[1], bytes as u64);
+    }
+
+    /// A proxy route received a message of `bytes` from an upstream (queued for the client,
+    /// it is also counted in `messages_out`).
+    pub fn on_proxy_from_upstream(&self, bytes: usize) {
+        bump(&self.proxy[2], 1);
+        bump(&self.proxy[3], bytes as u64);
     }
 
     /// Valid ingest messages handed to a sink.
@@ -269,6 +283,12 @@ impl ShardMetrics {
             ingest_accepted: self.ingest_accepted.get(),
             ingest_invalid: self.ingest_invalid.get(),
             ingest_waits: self.ingest_waits.get(),
+            proxy: ProxySnapshot {
+                to_upstream_messages: self.proxy[0].get(),
+                to_upstream_bytes: self.proxy[1].get(),
+                from_upstream_messages: self.proxy[2].get(),
+                from_upstream_bytes: self.proxy[3].get(),
+            },
             deflate: DeflateSnapshot {
                 connections: self.deflate.connections.get(),
                 stats: self.deflate.stats.get(),
@@ -319,6 +339,8 @@ pub struct Snapshot {
     pub ingest_invalid: u64,
     /// Times an ingest connection waited for a full sink queue (and stopped reading).
     pub ingest_waits: u64,
+    /// Messages relayed by proxy routes.
+    pub proxy: ProxySnapshot,
     /// permessage-deflate on connections (broadcast compression is in `fanout`).
     pub deflate: DeflateSnapshot,
     /// Handshake failures by reason label.
@@ -331,6 +353,29 @@ pub struct Snapshot {
     pub fanout: FanoutSnapshot,
     /// Sources running on this shard.
     pub sources: Vec<SourceSnapshot>,
+}
+
+/// What proxy routes relayed on one shard. The client-facing halves are also in
+/// `messages_in` (from clients) and `messages_out` (queued for clients).
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct ProxySnapshot {
+    /// Client messages passed to upstreams.
+    pub to_upstream_messages: u64,
+    /// Payload bytes of those messages.
+    pub to_upstream_bytes: u64,
+    /// Messages received from upstreams.
+    pub from_upstream_messages: u64,
+    /// Payload bytes of those messages.
+    pub from_upstream_bytes: u64,
+}
+
+impl ProxySnapshot {
+    fn merge(&mut self, o: &Self) {
+        self.to_upstream_messages += o.to_upstream_messages;
+        self.to_upstream_bytes += o.to_upstream_bytes;
+        self.from_upstream_messages += o.from_upstream_messages;
+        self.from_upstream_bytes += o.from_upstream_bytes;
+    }
 }
 
 /// permessage-deflate counters of one shard's connections.
@@ -392,6 +437,7 @@ impl Snapshot {
         self.ingest_accepted += other.ingest_accepted;
         self.ingest_invalid += other.ingest_invalid;
         self.ingest_waits += other.ingest_waits;
+        self.proxy.merge(&other.proxy);
         self.deflate.merge(&other.deflate);
         for (label, n) in &other.handshake_failures {
             match self.handshake_failures.iter_mut().find(|(l, _)| l == label) {
@@ -561,7 +607,7 @@ pub fn render_prometheus(info: &Info, snaps: &[Snapshot]) -> String {
         (
             "wsedge_messages_out_total",
             "counter",
-            "Echo replies queued for clients (broadcast: wsedge_fanout_deliveries_total).",
+            "Echo replies and proxied messages queued for clients (broadcast: wsedge_fanout_deliveries_total).",
             t.messages_out,
         ),
         (
@@ -596,6 +642,37 @@ pub fn render_prometheus(info: &Info, snaps: &[Snapshot]) -> String {
         "counter",
         "Upgrade requests not answered with 101, by reason.",
         &hs,
+    );
+    let p = &t.proxy;
+    metric(
+        "wsedge_proxy_messages_total",
+        "counter",
+        "Messages relayed by proxy routes: client messages passed to upstreams, and messages received from upstreams.",
+        &[
+            (
+                "{direction=\"to_upstream\"}".to_string(),
+                p.to_upstream_messages,
+            ),
+            (
+                "{direction=\"from_upstream\"}".to_string(),
+                p.from_upstream_messages,
+            ),
+        ],
+    );
+    metric(
+        "wsedge_proxy_bytes_total",
+        "counter",
+        "Payload bytes of the messages in wsedge_proxy_messages_total.",
+        &[
+            (
+                "{direction=\"to_upstream\"}".to_string(),
+                p.to_upstream_bytes,
+            ),
+            (
+                "{direction=\"from_upstream\"}".to_string(),
+                p.from_upstream_bytes,
+            ),
+        ],
     );
     let f = &t.fanout;
     let fanout: [(&str, &str, &str, u64); 10] = [
@@ -1065,6 +1142,9 @@ mod tests {
             ..Default::default()
         });
         b.on_inflate_bomb();
+        a.on_proxy_to_upstream(7);
+        b.on_proxy_to_upstream(5);
+        b.on_proxy_from_upstream(3);
         let snaps = [a.snapshot(0), b.snapshot(1)];
         let t = merge(&snaps);
         assert_eq!(t.connections_total, 3);
@@ -1087,9 +1167,15 @@ mod tests {
         assert!(text.contains("wsedge_deflate_inflated_bytes_out_total 200\n"));
         assert!(text.contains("wsedge_deflate_bomb_closes_total 1\n"));
         assert!(text.contains("wsedge_fanout_deflated_total 0\n"));
+        assert!(text.contains("wsedge_proxy_messages_total{direction=\"to_upstream\"} 2\n"));
+        assert!(text.contains("wsedge_proxy_messages_total{direction=\"from_upstream\"} 1\n"));
+        assert!(text.contains("wsedge_proxy_bytes_total{direction=\"to_upstream\"} 12\n"));
+        assert!(text.contains("wsedge_proxy_bytes_total{direction=\"from_upstream\"} 3\n"));
         let json: serde_json::Value =
             serde_json::from_str(&render_stats_json(&info, &snaps)).unwrap();
         assert_eq!(json["total"]["connections_total"], 3);
+        assert_eq!(json["total"]["proxy"]["to_upstream_bytes"], 12);
+        assert_eq!(json["shards"][1]["proxy"]["from_upstream_messages"], 1);
         assert_eq!(json["shards"][1]["shard"], 1);
     }
 }

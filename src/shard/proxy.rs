@@ -61,12 +61,21 @@ pub(crate) async fn connect(
     .await
 }
 
+/// Which way a [`pump`] moves messages, for the shard's counters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// Client to upstream: counted as received from a client and as passed upstream.
+    ToUpstream,
+    /// Upstream to client: counted as received from the upstream and as queued for a client.
+    ToClient,
+}
+
 /// Feed `from`'s input to its protocol core and pass messages and closes to `to`. Returns
 /// the close code `from`'s peer sent (or that a protocol error of `from` calls for), if any.
 ///
 /// Messages decoded before a protocol error are passed on first, then `to` is closed, so
 /// `to`'s peer sees everything that was valid.
-fn pump(from: &mut Side<'_>, to: &mut Side<'_>, ctx: &ShardCtx) -> Option<u16> {
+fn pump(from: &mut Side<'_>, to: &mut Side<'_>, dir: Direction, ctx: &ShardCtx) -> Option<u16> {
     if !from.pending_input {
         return None;
     }
@@ -80,10 +89,21 @@ fn pump(from: &mut Side<'_>, to: &mut Side<'_>, ctx: &ShardCtx) -> Option<u16> {
         match ev {
             // Err: `to` is closing; what it can no longer send is dropped with it.
             Event::Message { kind, data } => {
+                let n = data.len();
+                match dir {
+                    Direction::ToUpstream => ctx.metrics.on_message_in(n),
+                    Direction::ToClient => ctx.metrics.on_proxy_from_upstream(n),
+                }
                 // Each hop negotiated compression on its own: compressed again if `to`
                 // did; large payloads towards a plain-TCP client go out by reference
                 // (towards the upstream they are masked, which copies anyway).
-                let _ = super::driver::send_on(ctx, &mut to.conn, to.stream, kind, data);
+                let sent = super::driver::send_on(ctx, &mut to.conn, to.stream, kind, data);
+                if sent.is_ok() {
+                    match dir {
+                        Direction::ToUpstream => ctx.metrics.on_proxy_to_upstream(n),
+                        Direction::ToClient => ctx.metrics.on_message_out(n),
+                    }
+                }
             }
             Event::Close { code, reason } => {
                 let c = code.unwrap_or(CloseCode::NORMAL);
@@ -128,10 +148,10 @@ pub(crate) async fn relay(
     let mut timer = pin!(Fuse::terminated());
 
     loop {
-        if let Some(cc) = pump(&mut c, &mut u, ctx) {
+        if let Some(cc) = pump(&mut c, &mut u, Direction::ToUpstream, ctx) {
             code.get_or_insert(cc);
         }
-        if let Some(uc) = pump(&mut u, &mut c, ctx) {
+        if let Some(uc) = pump(&mut u, &mut c, Direction::ToClient, ctx) {
             // The upstream's close code is what the client will be told.
             code.get_or_insert(uc);
         }
