@@ -144,7 +144,10 @@ pub struct ShardMetrics {
     ingest_accepted: Cell<u64>,
     ingest_invalid: Cell<u64>,
     ingest_waits: Cell<u64>,
-    proxy: [Cell<u64>; 4],
+    proxy_to_upstream: Cell<u64>,
+    proxy_to_upstream_bytes: Cell<u64>,
+    proxy_from_upstream: Cell<u64>,
+    proxy_from_upstream_bytes: Cell<u64>,
     deflate: DeflateCells,
     handshake_failures: [Cell<u64>; HandshakeFailure::ALL.len()],
     rate_limit_closes: [Cell<u64>; 2],
@@ -206,15 +209,15 @@ impl ShardMetrics {
 
     /// A proxy route passed a client's message of `bytes` to its upstream.
     pub fn on_proxy_to_upstream(&self, bytes: usize) {
-        bump(&self.proxy[0], 1);
-        bump(&self.proxy[1], bytes as u64);
+        bump(&self.proxy_to_upstream, 1);
+        bump(&self.proxy_to_upstream_bytes, bytes as u64);
     }
 
     /// A proxy route received a message of `bytes` from an upstream (queued for the client,
     /// it is also counted in `messages_out`).
     pub fn on_proxy_from_upstream(&self, bytes: usize) {
-        bump(&self.proxy[2], 1);
-        bump(&self.proxy[3], bytes as u64);
+        bump(&self.proxy_from_upstream, 1);
+        bump(&self.proxy_from_upstream_bytes, bytes as u64);
     }
 
     /// Valid ingest messages handed to a sink.
@@ -284,10 +287,10 @@ impl ShardMetrics {
             ingest_invalid: self.ingest_invalid.get(),
             ingest_waits: self.ingest_waits.get(),
             proxy: ProxySnapshot {
-                to_upstream_messages: self.proxy[0].get(),
-                to_upstream_bytes: self.proxy[1].get(),
-                from_upstream_messages: self.proxy[2].get(),
-                from_upstream_bytes: self.proxy[3].get(),
+                to_upstream_messages: self.proxy_to_upstream.get(),
+                to_upstream_bytes: self.proxy_to_upstream_bytes.get(),
+                from_upstream_messages: self.proxy_from_upstream.get(),
+                from_upstream_bytes: self.proxy_from_upstream_bytes.get(),
             },
             deflate: DeflateSnapshot {
                 connections: self.deflate.connections.get(),
@@ -644,35 +647,23 @@ pub fn render_prometheus(info: &Info, snaps: &[Snapshot]) -> String {
         &hs,
     );
     let p = &t.proxy;
+    let per_direction = |to: u64, from: u64| {
+        [
+            ("{direction=\"to_upstream\"}".to_string(), to),
+            ("{direction=\"from_upstream\"}".to_string(), from),
+        ]
+    };
     metric(
         "wsedge_proxy_messages_total",
         "counter",
         "Messages relayed by proxy routes: client messages passed to upstreams, and messages received from upstreams.",
-        &[
-            (
-                "{direction=\"to_upstream\"}".to_string(),
-                p.to_upstream_messages,
-            ),
-            (
-                "{direction=\"from_upstream\"}".to_string(),
-                p.from_upstream_messages,
-            ),
-        ],
+        &per_direction(p.to_upstream_messages, p.from_upstream_messages),
     );
     metric(
         "wsedge_proxy_bytes_total",
         "counter",
         "Payload bytes of the messages in wsedge_proxy_messages_total.",
-        &[
-            (
-                "{direction=\"to_upstream\"}".to_string(),
-                p.to_upstream_bytes,
-            ),
-            (
-                "{direction=\"from_upstream\"}".to_string(),
-                p.from_upstream_bytes,
-            ),
-        ],
+        &per_direction(p.to_upstream_bytes, p.from_upstream_bytes),
     );
     let f = &t.fanout;
     let fanout: [(&str, &str, &str, u64); 10] = [
