@@ -13,6 +13,17 @@ use std::str::FromStr;
 
 use serde_json::Value;
 
+/// Is `data` one JSON value (RFC 8259), UTF-8 throughout? The check for `json` ingest routes
+/// and sources. It parses without building the value, so it also accepts what is valid JSON
+/// but has no `serde_json::Value` (numbers beyond `f64` such as `1e400`, escaped lone
+/// surrogates, nesting deeper than 128), and the message is passed on byte for byte, never
+/// re-parsed. `serde_json` does not check UTF-8 inside strings it skips, so that is checked
+/// first: a binary frame carrying `{"a":"\xff"}` is not JSON.
+pub fn is_json(data: &[u8]) -> bool {
+    simdutf8::basic::from_utf8(data).is_ok()
+        && serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok()
+}
+
 /// The type of a column's values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ColumnType {
@@ -233,6 +244,30 @@ pub fn is_rfc3339(s: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn is_json_is_the_grammar_in_utf8() {
+        use super::is_json;
+        for ok in [
+            &b"{\"v\": 1e400,\n \"id\": 7}"[..],
+            b"\"\\ud800\"",
+            b" [1, 2.5, true, null] ",
+            "{\"k\":\"\u{e9}\"}".as_bytes(),
+        ] {
+            assert!(is_json(ok), "{}", String::from_utf8_lossy(ok));
+        }
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert!(is_json(deep.as_bytes()));
+        for bad in [
+            &b"{\"a\":\"\xff\"}"[..],
+            b"{\"a\":1",
+            b"\"raw\nnewline\"",
+            b"",
+            b"1 2",
+        ] {
+            assert!(!is_json(bad), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
     use super::*;
 
     fn schema(extra: ExtraFields) -> Schema {

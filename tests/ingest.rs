@@ -196,6 +196,39 @@ fn close_on_error_closes_with_1007(io: IoMode) {
     });
 }
 
+/// A client that never answers our 1007 close does not hold its
+/// connection: after `close_timeout_ms` the server drops it.
+fn an_unanswered_close_times_out(io: IoMode) {
+    let d = Dir::new(&format!("ct-{io:?}"));
+    let srv = server(
+        io,
+        "close_timeout_ms = 300\n\
+         [[listener.route]]\npath = \"/strict\"\nkind = \"ingest\"\nsink = \"s\"\non_error = \"close\"\n",
+        &format!(
+            "[[sink]]\nname = \"s\"\npath = \"{}\"\n",
+            d.file("s").display()
+        ),
+    );
+    let mut c = Client::connect(srv.addr, "/strict");
+    c.send_text("not json");
+    loop {
+        match c.next_event() {
+            Some(wsedge::proto::Event::Close { code, .. }) => {
+                assert_eq!(code, Some(CloseCode::INVALID_PAYLOAD));
+                break;
+            }
+            Some(_) => {}
+            None => panic!("connection ended before the close frame"),
+        }
+    }
+    // Not answered (the client's core has queued its reply; it is never written).
+    assert!(
+        c.server_closed_tcp(),
+        "the server kept a connection whose close was never answered"
+    );
+    srv.wait_for("counted", |t| t.ingest_invalid == 1 && t.closes(1007) == 1);
+}
+
 /// A sink that cannot write (its directory does not exist) keeps its batch and retries, its
 /// one-chunk queue fills, and the ingest connection stops being read: counted as waits.
 fn a_stuck_sink_backpressures_its_clients(io: IoMode) {
@@ -348,7 +381,7 @@ fn metadata_wraps_each_message(io: IoMode) {
     let mut c = Client::connect_with_headers(srv.addr, "/m?v=1", &[("X-Device-Id", "abc")]);
     let peer = c.stream.local_addr().unwrap().to_string();
     c.send_text("{\"n\":1}");
-    c.send_text("{\n  \"n\": 2\n}");
+    c.send_text("{\n  \"n\": 2,\r\n  \"big\": 1e400,\n  \"s\": \"\\ud800\"\n}");
     c.send_text("broken");
     let mut t = Client::connect(srv.addr, "/t");
     t.send_text("two\nlines");
@@ -365,10 +398,15 @@ fn metadata_wraps_each_message(io: IoMode) {
         got[0],
         format!("{{\"meta\":{meta},\"message\":{{\"n\":1}}}}")
     );
-    // A pretty-printed message is put on one line (the sink re-serializes it).
-    let v: serde_json::Value = serde_json::from_str(&got[1]).unwrap();
-    assert_eq!(v["message"]["n"], 2);
-    assert_eq!(v["meta"]["x-device-id"], "abc");
+    // A pretty-printed message is put on one line, its line breaks turned into spaces and
+    // every other byte kept: valid JSON that has no `serde_json::Value` (a number beyond f64,
+    // an escaped lone surrogate) arrives as it was sent, not as `null`.
+    assert_eq!(
+        got[1],
+        format!(
+            "{{\"meta\":{meta},\"message\":{{   \"n\": 2,    \"big\": 1e400,   \"s\": \"\\ud800\" }}}}"
+        )
+    );
     assert_eq!(got.len(), 2);
     assert_eq!(
         lines(&text),
@@ -386,4 +424,5 @@ both_backends!(
     ndjson_with_dead_letter_and_flush_at_shutdown,
     compression_framing_and_rotation,
     close_on_error_closes_with_1007,
+    an_unanswered_close_times_out,
 );

@@ -31,9 +31,7 @@ fn invalid(ing: &IngestRoute, kind: MessageKind, data: &[u8]) -> Option<Cow<'sta
     if let Some(schema) = &ing.schema {
         schema.check(data).err().map(Cow::Owned)
     } else if ing.json {
-        serde_json::from_slice::<serde::de::IgnoredAny>(data)
-            .err()
-            .map(|_| Cow::Borrowed("not a JSON value"))
+        (!crate::schema::is_json(data)).then_some(Cow::Borrowed("not a JSON value"))
     } else {
         (kind != MessageKind::Text).then_some(Cow::Borrowed("not a text message"))
     }
@@ -259,6 +257,11 @@ pub(crate) async fn serve(
             }
             break;
         }
+        // Closing (our close for an invalid message, an idle close, a drain): the client
+        // gets `close_timeout` to answer, then the connection goes whatever it does.
+        if conn.state() != State::Open && timer.is_terminated() {
+            timer = compio::time::sleep(cfg.close_timeout).boxed_local().fuse();
+        }
         if read_fut.is_terminated() {
             // Invariant: the buffer is ours whenever no read is in flight.
             let mut buf = rbuf.take().expect("read buffer present");
@@ -293,7 +296,6 @@ pub(crate) async fn serve(
                     };
                     code.get_or_insert(CloseCode::GOING_AWAY.0);
                     let _ = conn.close(CloseCode::GOING_AWAY, reason);
-                    timer = compio::time::sleep(cfg.close_timeout).boxed_local().fuse();
                 }
             }
             () = timer => break,

@@ -160,7 +160,7 @@ fn valid(format: SourceFormat, kind: MessageKind, data: &[u8]) -> bool {
     match format {
         SourceFormat::Text => kind == MessageKind::Text,
         SourceFormat::Binary => kind == MessageKind::Binary,
-        SourceFormat::Json => serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok(),
+        SourceFormat::Json => crate::schema::is_json(data),
     }
 }
 

@@ -255,12 +255,16 @@ impl Batch {
         match cfg.framing {
             Framing::Ndjson => {
                 if json {
-                    // One JSON value per line: a pretty-printed value is put on one line.
-                    if m.contains(&b'\n') {
-                        let v: serde_json::Value = serde_json::from_slice(m).unwrap_or_default();
-                        let _ = serde_json::to_writer(&mut *b, &v);
-                    } else {
-                        b.extend_from_slice(m);
+                    // One JSON value per line. In valid JSON a line break can only be
+                    // whitespace between tokens (inside a string it must be escaped), so a
+                    // pretty-printed value goes on one line by turning its line breaks into
+                    // spaces: the same value, every other byte as it came.
+                    let start = b.len();
+                    b.extend_from_slice(m);
+                    for c in &mut b[start..] {
+                        if matches!(*c, b'\n' | b'\r') {
+                            *c = b' ';
+                        }
                     }
                 } else {
                     // Text lines: a newline inside a message would split it; escape as JSON.
