@@ -428,10 +428,14 @@ impl WsSink<'_> {
                 ended.get_or_insert("close handshake timed out".into());
                 break;
             }
-            if pings
+            // The newest ping may still be in the write in flight (at most one write, one
+            // ping each): its pong is due `ack_timeout` after that write completes.
+            let written = pings.len() - usize::from(ping_in_write && !pings.is_empty());
+            let due = pings
                 .front()
-                .is_some_and(|(_, t)| now.duration_since(*t) >= ws.ack_timeout)
-            {
+                .filter(|_| written > 0)
+                .map(|(_, t)| *t + ws.ack_timeout);
+            if due.is_some_and(|d| now >= d) {
                 ended.get_or_insert(format!(
                     "no pong within ack_timeout_ms ({:?})",
                     ws.ack_timeout
@@ -467,15 +471,11 @@ impl WsSink<'_> {
                 break;
             }
             side.start_read(false);
-            let wake = [
-                Some(self.wake()),
-                pings.front().map(|(_, t)| *t + ws.ack_timeout),
-                close_by,
-            ]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or_else(|| now + Duration::from_secs(3600));
+            let wake = [Some(self.wake()), due, close_by]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or_else(|| now + Duration::from_secs(3600));
             let mut recv = pin!(next_chunk(rx, self.room()));
             let mut timer = pin!(compio::time::sleep_until(wake).fuse());
             select_biased! {
