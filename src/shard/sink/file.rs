@@ -139,7 +139,15 @@ impl Writer<'_> {
         }
         // Invariant: opened above.
         let f = self.file.as_mut().expect("file open");
-        f.write_all(data)?;
+        if let Err(e) = f.write_all(data) {
+            // A write that failed part way (a full disk) would leave a torn line or a
+            // truncated compressed member in front of the retry, and a file that no longer
+            // decompresses. Cut it back to the last whole batch; the batch is retried whole.
+            if let Err(t) = f.set_len(self.size) {
+                warn!(sink = %path.display(), error = %t, "cannot cut a partial write back");
+            }
+            return Err(e);
+        }
         self.size += data.len() as u64;
         bump(&stats.bytes_written, data.len() as u64);
         Ok(())
