@@ -97,6 +97,11 @@ fn pump(from: &mut Side<'_>, to: &mut Side<'_>, dir: Direction, ctx: &ShardCtx) 
                 // Each hop negotiated compression on its own: compressed again if `to`
                 // did; large payloads towards a plain-TCP client go out by reference
                 // (towards the upstream they are masked, which copies anyway).
+                // A side whose socket failed can take nothing; queueing for it would only
+                // grow its buffer until the close timeout.
+                if to.failed {
+                    continue;
+                }
                 let sent = super::driver::send_on(ctx, &mut to.conn, to.stream, kind, data);
                 if sent.is_ok() {
                     match dir {
@@ -185,9 +190,11 @@ pub(crate) async fn relay(
         if (c.failed || c.eof) && (u.failed || u.eof) {
             break;
         }
-        // Backpressure: read a side only while the other can take more.
-        let c_blocked = !u.write.is_terminated() && u.conn.pending_transmit() >= max_pending;
-        let u_blocked = !c.write.is_terminated() && c.conn.pending_transmit() >= max_pending;
+        // Backpressure: read a side only while the other can take more. Whether or not a
+        // write is in flight: a client held back after its protocol error has none, and
+        // what the upstream sends meanwhile must not pile up behind it.
+        let c_blocked = u.conn.pending_transmit() >= max_pending;
+        let u_blocked = c.conn.pending_transmit() >= max_pending;
         c.start_read(c_blocked);
         u.start_read(u_blocked);
 
