@@ -164,6 +164,9 @@ fn valid(format: SourceFormat, kind: MessageKind, data: &[u8]) -> bool {
     }
 }
 
+/// How long a source connection's close handshake may take before the socket is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
 /// One connection's life. Returns why it ended and whether it delivered any message.
 async fn session(
     ctx: &ShardCtx,
@@ -263,6 +266,12 @@ async fn session(
             break;
         }
         side.start_read(false);
+        // Closing, whoever began it (our drain, the upstream's close, a protocol error): the
+        // close handshake gets CLOSE_GRACE, also when our reply cannot be written because the
+        // upstream stopped reading; then the connection goes and the source reconnects.
+        if side.conn.state() != State::Open && close_deadline.is_none() {
+            close_deadline = Some(Instant::now() + CLOSE_GRACE);
+        }
 
         select_biased! {
             BufResult(res, buf) = &mut side.read => {
@@ -317,7 +326,7 @@ async fn session(
                 if flags & super::signal::DRAIN != 0 && !drain_seen {
                     drain_seen = true;
                     let _ = side.conn.close(CloseCode::GOING_AWAY, "wsedge shutting down");
-                    close_deadline = Some(Instant::now() + Duration::from_secs(2));
+                    close_deadline = Some(Instant::now() + CLOSE_GRACE);
                     ended.get_or_insert("draining".into());
                 }
             }
