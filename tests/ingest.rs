@@ -190,10 +190,17 @@ fn close_on_error_closes_with_1007(io: IoMode) {
     let mut c = Client::connect(srv.addr, "/strict");
     c.send_text("{\"ok\":1}");
     c.send_binary(b"\x00not json");
+    // Sent before the client sees the close: not taken, and counted as such.
+    c.send_text("{\"after\":1}");
     assert_eq!(c.expect_close(), Some(CloseCode::INVALID_PAYLOAD));
     srv.wait_for("counted", |t| {
-        t.ingest_invalid == 1 && t.ingest_accepted == 1 && t.closes(1007) == 1
+        t.ingest_invalid == 1
+            && t.ingest_accepted == 1
+            && t.ingest_refused == 1
+            && t.closes(1007) == 1
     });
+    let (_, m) = common::http_get(srv.admin, "/metrics");
+    assert!(m.contains("wsedge_ingest_refused_total 1\n"), "{m}");
 }
 
 /// A client that never answers our 1007 close does not hold its

@@ -144,6 +144,7 @@ pub struct ShardMetrics {
     ingest_accepted: Cell<u64>,
     ingest_invalid: Cell<u64>,
     ingest_waits: Cell<u64>,
+    ingest_refused: Cell<u64>,
     proxy_to_upstream: Cell<u64>,
     proxy_to_upstream_bytes: Cell<u64>,
     proxy_from_upstream: Cell<u64>,
@@ -230,6 +231,12 @@ impl ShardMetrics {
         bump(&self.ingest_invalid, 1);
     }
 
+    /// Ingest messages that arrived but were not taken: after the connection was closed for
+    /// an invalid message, or when the sink had already shut down.
+    pub fn on_ingest_refused(&self, n: u64) {
+        bump(&self.ingest_refused, n);
+    }
+
     /// An ingest connection had to wait for its sink (backpressure).
     pub fn on_ingest_wait(&self) {
         bump(&self.ingest_waits, 1);
@@ -286,6 +293,7 @@ impl ShardMetrics {
             ingest_accepted: self.ingest_accepted.get(),
             ingest_invalid: self.ingest_invalid.get(),
             ingest_waits: self.ingest_waits.get(),
+            ingest_refused: self.ingest_refused.get(),
             proxy: ProxySnapshot {
                 to_upstream_messages: self.proxy_to_upstream.get(),
                 to_upstream_bytes: self.proxy_to_upstream_bytes.get(),
@@ -342,6 +350,9 @@ pub struct Snapshot {
     pub ingest_invalid: u64,
     /// Times an ingest connection waited for a full sink queue (and stopped reading).
     pub ingest_waits: u64,
+    /// Ingest messages received but not taken (after a close for an invalid message, or
+    /// with the sink shut down).
+    pub ingest_refused: u64,
     /// Messages relayed by proxy routes.
     pub proxy: ProxySnapshot,
     /// permessage-deflate on connections (broadcast compression is in `fanout`).
@@ -440,6 +451,7 @@ impl Snapshot {
         self.ingest_accepted += other.ingest_accepted;
         self.ingest_invalid += other.ingest_invalid;
         self.ingest_waits += other.ingest_waits;
+        self.ingest_refused += other.ingest_refused;
         self.proxy.merge(&other.proxy);
         self.deflate.merge(&other.deflate);
         for (label, n) in &other.handshake_failures {
@@ -868,7 +880,7 @@ pub fn render_prometheus(info: &Info, snaps: &[Snapshot]) -> String {
             metric(name, kind, help, &series);
         }
     }
-    let ingest: [(&str, &str, u64); 3] = [
+    let ingest: [(&str, &str, u64); 4] = [
         (
             "wsedge_ingest_accepted_total",
             "Valid ingest messages handed to sinks.",
@@ -883,6 +895,12 @@ pub fn render_prometheus(info: &Info, snaps: &[Snapshot]) -> String {
             "wsedge_ingest_backpressure_waits_total",
             "Times an ingest connection stopped reading because its sink queue was full.",
             t.ingest_waits,
+        ),
+        (
+            "wsedge_ingest_refused_total",
+            "Ingest messages received but not taken: after the connection was closed for an \
+             invalid message (on_error = close), or with the sink shut down.",
+            t.ingest_refused,
         ),
     ];
     for (name, help, v) in ingest {

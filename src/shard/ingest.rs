@@ -157,9 +157,11 @@ pub(crate) async fn serve(
                 match ev {
                     Event::Message { kind, data } => {
                         ctx.metrics.on_message_in(data.len());
-                        // After our close for an invalid message nothing more is taken; after
-                        // a drain close (1001) messages that crossed it still are.
+                        // After our close for an invalid message nothing more is taken
+                        // (counted); after a drain close (1001) messages that crossed it
+                        // still are.
                         if refused {
+                            ctx.metrics.on_ingest_refused(1);
                             continue;
                         }
                         match invalid(ing, kind, &data) {
@@ -207,9 +209,13 @@ pub(crate) async fn serve(
                 .await
                 {
                     ctx.metrics.on_ingest_accepted(n);
-                } else if conn.state() == State::Open {
-                    code.get_or_insert(CloseCode::GOING_AWAY.0);
-                    let _ = conn.close(CloseCode::GOING_AWAY, "server shutting down");
+                } else {
+                    // The sink has shut down: these can no longer be delivered.
+                    ctx.metrics.on_ingest_refused(n);
+                    if conn.state() == State::Open {
+                        code.get_or_insert(CloseCode::GOING_AWAY.0);
+                        let _ = conn.close(CloseCode::GOING_AWAY, "server shutting down");
+                    }
                 }
             }
             if let (Some(dl), false) = (ing.dead_letter, dead.is_empty()) {
@@ -226,7 +232,14 @@ pub(crate) async fn serve(
         }
         if conn.pending_transmit() > 0 {
             conn.poll_transmit(&mut out);
-            let BufResult(r, o) = stream.write_all(std::mem::take(&mut out)).await;
+            // Only pongs and the close go this way. A client that stops reading them (and
+            // keeps pinging) would stall this loop, and with it the idle and drain signals:
+            // a write that takes longer than the pong timeout ends the connection.
+            let write = stream.write_all(std::mem::take(&mut out));
+            let Ok(BufResult(r, o)) = compio::time::timeout(cfg.pong_timeout, write).await else {
+                debug!("ingest write stalled past pong_timeout; dropping the connection");
+                break;
+            };
             out = o;
             out.clear();
             if let Err(e) = r {
