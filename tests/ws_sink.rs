@@ -587,6 +587,53 @@ fn unanswered_pings_mean_a_dead_connection(io: IoMode) {
     assert_eq!(lines, want, "the answering connection got everything");
 }
 
+/// A slow consumer (small receive buffer, paced reads: about 2 MB/s here) with a backlog
+/// deeper than `ack_timeout_ms` is not a dead one: it answers each 1 MiB round in about half
+/// a second, and each ack is timed from its round's write or the previous pong, so the
+/// connection stays up and nothing is sent twice. Timed from when each ping was queued (the
+/// old rule), the pongs behind the megabytes in the kernel's send queue came after 1.2 s and
+/// the sink reconnected and re-sent in a loop.
+fn a_slow_consumer_is_not_timed_out(io: IoMode) {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let addr: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    sock.bind(&addr.into()).unwrap();
+    sock.listen(16).unwrap();
+    let l: TcpListener = sock.into();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        loop {
+            let mut p = Peer::accept(&l);
+            std::thread::spawn(move || {
+                while p.read_events().is_some() {
+                    p.flush();
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            });
+        }
+    });
+    let srv = start_with(
+        io,
+        1,
+        &ingest_route("/in", "up", ""),
+        &ws_sink(
+            "up",
+            port,
+            "max_batch_messages = 1\nack_timeout_ms = 1200\nreconnect_initial_ms = 10",
+        ),
+    );
+    let mut c = Client::connect(srv.addr, "/in");
+    let pad = "x".repeat(64 * 1024);
+    let total = 96;
+    for i in 0..total {
+        c.send_text(&format!("{{\"i\":{i},\"pad\":\"{pad}\"}}"));
+    }
+    let s = wait_sink(&srv, "up", "all confirmed", |s| s["messages"] == total);
+    assert_eq!(n(&s, "connects"), 1, "{s}");
+    assert_eq!(n(&s, "disconnects"), 0, "{s}");
+    assert_eq!(n(&s, "redeliveries"), 0, "{s}");
+}
+
 both_backends!(
     unanswered_pings_mean_a_dead_connection,
     delivers_batches_with_headers_text_and_compressed,
@@ -594,4 +641,5 @@ both_backends!(
     upstream_that_never_returns_backpressures_within_the_bound,
     a_sink_that_gives_up_drops_and_counts,
     pending_batches_are_flushed_at_shutdown,
+    a_slow_consumer_is_not_timed_out,
 );

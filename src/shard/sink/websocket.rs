@@ -384,6 +384,9 @@ impl WsSink<'_> {
         // The write in flight carries the newest ack ping: its pong is awaited from when the
         // write completes, so a long write does not count against the peer.
         let mut ping_in_write = false;
+        // When the last ack pong came: a peer that answers is alive however much it has
+        // still to read, so each pong restarts the clock of the next written ping.
+        let mut last_pong = Instant::now();
         loop {
             if side.pending_input {
                 side.pending_input = false;
@@ -396,6 +399,7 @@ impl WsSink<'_> {
                     match ev {
                         Event::Pong(p) => {
                             if let Some(id) = parse_ack(&p) {
+                                last_pong = Instant::now();
                                 while pings.front().is_some_and(|(i, _)| *i <= id) {
                                     pings.pop_front();
                                 }
@@ -428,13 +432,16 @@ impl WsSink<'_> {
                 ended.get_or_insert("close handshake timed out".into());
                 break;
             }
-            // The newest ping may still be in the write in flight (at most one write, one
-            // ping each): its pong is due `ack_timeout` after that write completes.
+            // The oldest written ping's pong is due `ack_timeout` after that ping's write
+            // completed, or after the previous pong if that came later: a slow reader that
+            // answers each round within ack_timeout keeps its connection, however deep the
+            // queue in front of it. The newest ping may still be in the write in flight (at
+            // most one write, one ping each): it is not due yet.
             let written = pings.len() - usize::from(ping_in_write && !pings.is_empty());
             let due = pings
                 .front()
                 .filter(|_| written > 0)
-                .map(|(_, t)| *t + ws.ack_timeout);
+                .map(|(_, t)| (*t).max(last_pong) + ws.ack_timeout);
             if due.is_some_and(|d| now >= d) {
                 ended.get_or_insert(format!(
                     "no pong within ack_timeout_ms ({:?})",
