@@ -82,6 +82,8 @@ enum Script {
     CloseWith4001,
     /// Read nothing ever (backpressure).
     NeverRead,
+    /// Read nothing ever and send 1 KiB binary messages as fast as the socket takes them.
+    Firehose,
 }
 
 fn scripted_upstream(scripts: Vec<Script>) -> (SocketAddr, mpsc::Receiver<Option<u16>>) {
@@ -126,6 +128,16 @@ fn serve_scripted(s: &mut TcpStream, script: Script, tx: &mpsc::Sender<Option<u1
     s.write_all(&out).unwrap();
     match script {
         Script::NeverRead => std::thread::sleep(Duration::from_secs(30)),
+        Script::Firehose => loop {
+            let mut out = Vec::new();
+            for _ in 0..64 {
+                conn.send(MessageKind::Binary, &[7u8; 1024]).unwrap();
+            }
+            conn.poll_transmit(&mut out);
+            if s.write_all(&out).is_err() {
+                return;
+            }
+        },
         Script::CloseWith4001 | Script::ReportClientClose => loop {
             let n = s.read(&mut chunk).unwrap_or(0);
             if n == 0 {
@@ -241,7 +253,93 @@ fn a_stalled_upstream_stops_the_client_flow(io: IoMode) {
     );
 }
 
+/// A client that breaks the protocol has its close held back until the upstream answers ours
+/// (replies to its valid messages go first). An upstream that meanwhile keeps sending and
+/// never answers is not read past `max_pending_write_bytes` queued for the held client:
+/// nothing piles up behind the held close for the `close_timeout_ms` it may last.
+fn a_held_close_does_not_buffer_the_upstream(io: IoMode) {
+    let (up, _codes) = scripted_upstream(vec![Script::Firehose]);
+    let srv = start(
+        io,
+        1,
+        &format!(
+            "close_timeout_ms = 4000\nmax_pending_write_bytes = 65536\n\
+             [[listener.route]]\npath = \"/p\"\nkind = \"proxy\"\nupstream = \"ws://{up}/\"\n"
+        ),
+    );
+    let mut c = Client::connect(srv.addr, "/p");
+    let _ = c.recv();
+    // An unmasked frame: a protocol error (1002) on the client's hop.
+    c.send_raw(&[0x82, 0x02, b'h', b'i']);
+    // Keep reading (and dropping) what arrives, so that the write to the client in flight at
+    // the error completes and the only thing left to hold the upstream back is the limit.
+    c.stream
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let mut sink = vec![0u8; 1 << 16];
+    let mut read_for = |c: &mut Client, d: Duration| {
+        let end = std::time::Instant::now() + d;
+        while std::time::Instant::now() < end {
+            let _ = c.stream.read(&mut sink);
+        }
+    };
+    read_for(&mut c, Duration::from_millis(1000));
+    let a = srv.totals().proxy.from_upstream_messages;
+    read_for(&mut c, Duration::from_millis(500));
+    let b = srv.totals().proxy.from_upstream_messages;
+    assert!(
+        b - a < 1000,
+        "the proxy kept reading the upstream behind a held close: {a} then {b} messages"
+    );
+}
+
+/// A connection that always has work (an upstream that never stops sending, a client that
+/// reads as fast as it can) does not keep its shard to itself: another client on the same
+/// (only) shard still gets its echo, and the admin endpoint still answers. On epoll an
+/// operation on a ready socket completes inside its first poll, so without a turn budget such
+/// a loop would never return to the executor.
+fn a_busy_connection_does_not_starve_its_shard(io: IoMode) {
+    let (up, _codes) = scripted_upstream(vec![Script::Firehose]);
+    let srv = start(
+        io,
+        1,
+        &format!(
+            "[[listener.route]]\npath = \"/p\"\nkind = \"proxy\"\nupstream = \"ws://{up}/\"\n"
+        ),
+    );
+    let mut busy = Client::connect(srv.addr, "/p");
+    let _ = busy.recv();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut sink = vec![0u8; 1 << 16];
+            let mut total = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match busy.stream.read(&mut sink) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n,
+                }
+            }
+            total
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let mut other = Client::connect(srv.addr, "/echo");
+    other.send_text("still here");
+    assert_eq!(other.recv(), (MessageKind::Text, b"still here".to_vec()));
+    let t = srv.totals();
+    assert!(
+        t.proxy.from_upstream_messages > 0,
+        "the busy connection was relaying"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(reader.join().unwrap() > 0);
+}
+
 both_backends!(
+    a_busy_connection_does_not_starve_its_shard,
+    a_held_close_does_not_buffer_the_upstream,
     echo_through_a_real_upstream,
     forwarding_headers_and_close_codes_both_ways,
     unreachable_or_silent_upstream_gets_502,
