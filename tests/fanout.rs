@@ -286,7 +286,46 @@ fn stalled_subscriber_drops_by_policy_and_stays(io: IoMode) {
     }
 }
 
+/// A subscriber that closes while its topic is busy: broadcasts that reach its queue after
+/// its close are never written (nothing may follow a close frame), and must not wake its loop
+/// for nothing either. That loop once spun on them without returning to the executor, which
+/// froze the whole shard: the linger timer, every other connection, the admin queries and
+/// the shutdown.
+fn a_subscriber_closing_on_a_busy_topic_does_not_freeze_its_shard(io: IoMode) {
+    let srv = server(io, 1);
+    let mut sub = Client::connect(srv.addr, "/sub/busy");
+    wait_subscribed(&srv, 1);
+    let mut publisher = Client::connect(srv.addr, "/pub/busy");
+    sub.conn.close(CloseCode::NORMAL, "bye").unwrap();
+    sub.flush();
+    // Broadcasts until the close reply is seen, and then more, while the closed connection
+    // lingers (it stays subscribed until it ends).
+    let mut sent = 0;
+    loop {
+        publisher.send_text(&format!("m{sent}"));
+        sent += 1;
+        match sub.next_event() {
+            Some(wsedge::proto::Event::Close { code, .. }) => {
+                assert_eq!(code, Some(CloseCode::NORMAL));
+                break;
+            }
+            Some(_) => {}
+            None => panic!("connection ended before the close reply"),
+        }
+    }
+    for i in 0..50 {
+        publisher.send_text(&format!("after {i}"));
+    }
+    let mut other = Client::connect(srv.addr, "/echo");
+    other.send_text("still here");
+    assert_eq!(other.recv(), (MessageKind::Text, b"still here".to_vec()));
+    srv.wait_for("the closed subscriber gone", |t| t.fanout.subscribers == 0);
+    drop((sub, publisher, other));
+    srv.shutdown();
+}
+
 both_backends!(
+    a_subscriber_closing_on_a_busy_topic_does_not_freeze_its_shard,
     every_subscriber_gets_every_message_in_order_across_shards,
     topics_are_removed_with_their_last_subscriber,
     admin_publish_reaches_subscribers,

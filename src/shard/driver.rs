@@ -928,6 +928,25 @@ fn websocket<'a>(
                 }
             }
 
+            // Closing (either side began it, or the peer broke the protocol): nothing may
+            // follow the close frame, so broadcasts are of no more use to this connection.
+            // Leave the topic now rather than at the end of the linger: what is queued is
+            // released with the subscription, and no more is queued.
+            if conn.state() != State::Open {
+                if let Some(f) = fan.as_deref_mut().filter(|f| f.sub.is_some()) {
+                    f.sub = None;
+                }
+                // Whoever began the close, it gets `close_timeout` to finish: also when the
+                // peer's close (or its protocol error) came in and our last writes stall
+                // because it stopped reading. (A pending drain turn is moot now.)
+                if matches!(mode, TimerMode::Off | TimerMode::DrainTurn) {
+                    mode = TimerMode::CloseWait;
+                    timer = compio::time::sleep(shared.cfg.close_timeout)
+                        .boxed_local()
+                        .fuse();
+                }
+            }
+
             // 2. Start a write if output is queued and none is in flight: the protocol core's
             //    own output first, then broadcast frames (only while open: nothing may follow
             //    our close frame).
@@ -1029,7 +1048,12 @@ fn websocket<'a>(
                         }
                     }
                 }
-                () = ready_fut(fan.as_deref(), write_fut.is_terminated()) => {}
+                // Woken for frames only when step 2 would write them (open, no write in
+                // flight): a wake-up it would not act on would spin this loop.
+                () = ready_fut(
+                    fan.as_deref(),
+                    write_fut.is_terminated() && conn.state() == State::Open,
+                ) => {}
                 flags = signal.wait() => {
                     if flags & signal::PING != 0 {
                         if conn.send_ping(b"wsedge").is_ok() {
