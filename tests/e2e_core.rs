@@ -275,7 +275,34 @@ fn many_connections_over_several_shards(io: IoMode) {
     assert_eq!(v["total"]["connections_open"], 64);
 }
 
+/// A client that sends a large message and its close frame, then stops reading: our echo
+/// cannot be written, and neither can our close reply behind it. The close came from the
+/// peer, but it still gets only `close_timeout_ms`: then the connection (its slot, its
+/// buffers) is let go.
+fn a_peer_close_behind_a_stalled_write_times_out(io: IoMode) {
+    let srv = start(
+        io,
+        1,
+        "close_timeout_ms = 300\nmax_pending_write_bytes = 67108864\n",
+    );
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&srv.addr.into()).unwrap();
+    let stream: TcpStream = sock.into();
+    stream.set_read_timeout(Some(common::READ_TIMEOUT)).unwrap();
+    let (mut c, _) = Client::upgrade(stream, "/echo", &[]).unwrap();
+    // One write: the message and the close, so the server reads the close too.
+    c.conn
+        .send(MessageKind::Binary, &vec![1u8; 8 << 20])
+        .unwrap();
+    c.conn.close(CloseCode::NORMAL, "bye").unwrap();
+    c.flush();
+    let t = srv.wait_for("the connection let go", |t| t.closes(1000) == 1);
+    assert_eq!(t.messages_in, 1);
+}
+
 both_backends!(
+    a_peer_close_behind_a_stalled_write_times_out,
     echo_text_binary_and_fragments,
     pipelined_messages_come_back_in_order,
     subprotocol_is_negotiated_by_server_preference,
