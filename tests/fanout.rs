@@ -324,7 +324,61 @@ fn a_subscriber_closing_on_a_busy_topic_does_not_freeze_its_shard(io: IoMode) {
     srv.shutdown();
 }
 
+/// During the drain window, broadcasts from other shards still reach the subscribers that
+/// have not had their turn yet. (The shard used to stop taking its rings at the start of the
+/// drain: a subscriber on another shard than the publisher went silent, uncounted.)
+fn cross_shard_broadcasts_flow_during_the_drain(io: IoMode) {
+    let srv = common::start_with(
+        io,
+        2,
+        ROUTES,
+        "drain_window_ms = 10000\ndrain_timeout_ms = 15000\n",
+    );
+    let mut subs = subscribers_on_every_shard(&srv, "/sub/d", 8);
+    let before: Vec<u64> = srv.per_shard().iter().map(|s| s.connections_open).collect();
+    let mut publisher = Client::connect(srv.addr, "/pub/d");
+    let p_shard = loop {
+        let now: Vec<u64> = srv.per_shard().iter().map(|s| s.connections_open).collect();
+        if let Some(i) = (0..now.len()).find(|&i| now[i] > before[i]) {
+            break i;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let local = srv.per_shard()[p_shard].fanout.subscribers as usize;
+    let addr = srv.addr;
+    let shutdown = std::thread::spawn(move || srv.shutdown());
+    // The drain has begun on every shard once no listener accepts any more.
+    while std::net::TcpStream::connect(addr).is_ok() {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    publisher.send_text("during the drain");
+    let mut got = 0;
+    for s in &mut subs {
+        // The message, or a close (this subscriber's turn came first), or silence.
+        loop {
+            match s.next_event_within(std::time::Duration::from_millis(500)) {
+                Ok(Some(wsedge::proto::Event::Message { data, .. })) => {
+                    assert_eq!(&data[..], b"during the drain");
+                    got += 1;
+                    break;
+                }
+                Ok(Some(wsedge::proto::Event::Close { .. })) | Ok(None) | Err(()) => break,
+                Ok(Some(_)) => {}
+            }
+        }
+    }
+    assert!(
+        got > local,
+        "{got} of {} subscribers got a broadcast made during the drain; {local} are on the \
+         publisher's shard",
+        subs.len()
+    );
+    drop((subs, publisher));
+    shutdown.join().unwrap();
+}
+
 both_backends!(
+    cross_shard_broadcasts_flow_during_the_drain,
     a_subscriber_closing_on_a_busy_topic_does_not_freeze_its_shard,
     every_subscriber_gets_every_message_in_order_across_shards,
     topics_are_removed_with_their_last_subscriber,

@@ -739,18 +739,21 @@ fn run_shard(
 
         // Drain: stop accepting (dropping the accept tasks closes the sockets), tell every
         // connection, then wait for them up to the deadline while still answering snapshots.
+        // The rings are still taken: subscribers waiting for their turn in the drain window
+        // keep getting what other shards' publishers send until then.
         drop(accepts);
         drop(sweeper);
-        drop(inbox);
         ctx.conns.drain();
         let deadline = Instant::now() + drain_timeout;
         while ctx.live.get() > 0 && Instant::now() < deadline {
-            if let Ok(Ok(cmd)) =
-                compio::time::timeout(Duration::from_millis(10), control.recv()).await
-            {
-                serve_control(&ctx, cmd);
+            match compio::time::timeout(Duration::from_millis(10), control.recv()).await {
+                Ok(Ok(cmd)) => serve_control(&ctx, cmd),
+                // The server handle is gone: nothing to answer, but still wait (not spin).
+                Ok(Err(_)) => compio::time::sleep(Duration::from_millis(10)).await,
+                Err(_) => {}
             }
         }
+        drop(inbox);
         // Sources closed their upstreams with 1001 when the drain was raised; give them the
         // rest of the deadline, then cancel whatever is left.
         for (t, stats) in source_tasks.into_iter().zip(&ctx.sources) {

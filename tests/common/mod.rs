@@ -218,6 +218,31 @@ impl Client<pki::TlsStream> {
 }
 
 impl Client {
+    /// [`Client::next_event`] waiting at most `d`: `Err(())` if nothing came.
+    pub fn next_event_within(&mut self, d: Duration) -> Result<Option<Event>, ()> {
+        self.stream.set_read_timeout(Some(d)).unwrap();
+        let r = loop {
+            if let Some(ev) = self.conn.poll_event() {
+                break Ok(Some(ev));
+            }
+            let mut chunk = vec![0u8; 64 * 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => break Ok(None),
+                Ok(n) => {
+                    self.rbuf.extend_from_slice(&chunk[..n]);
+                    self.conn
+                        .handle_input(&mut self.rbuf)
+                        .expect("server sent valid frames");
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break Err(()),
+            }
+        };
+        self.stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        r
+    }
+
     /// Connect and upgrade; panics on failure.
     pub fn connect(addr: SocketAddr, path: &str) -> Self {
         Self::try_connect(addr, path).expect("upgrade succeeds")
