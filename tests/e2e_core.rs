@@ -318,3 +318,37 @@ both_backends!(
     metrics_and_health_endpoints,
     many_connections_over_several_shards,
 );
+
+/// A client that trickles its admin request (a byte a second, the slowloris pattern) holds
+/// neither the admin listener (`/healthz` answers meanwhile, from another thread) nor its own
+/// connection past the request deadline (5 s for the whole request).
+#[test]
+fn a_trickling_admin_client_blocks_nothing() {
+    let srv = start(IoMode::Auto, 1, "");
+    let mut slow = TcpStream::connect(srv.admin).unwrap();
+    slow.write_all(b"GET /hea").unwrap();
+    let mut trickler = slow.try_clone().unwrap();
+    let t = std::thread::spawn(move || {
+        // Never completes the head; stops when the server has let go.
+        for _ in 0..20 {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            if trickler.write_all(b"l").is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (status, body) = common::http_get(srv.admin, "/healthz");
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    // The server closes the trickling connection at the deadline (read: EOF or reset).
+    slow.set_read_timeout(Some(common::READ_TIMEOUT)).unwrap();
+    let mut b = [0u8; 64];
+    let r = slow.read(&mut b);
+    assert!(
+        matches!(r, Ok(0))
+            || matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the trickling admin connection was kept: {r:?}"
+    );
+    drop(slow);
+    t.join().unwrap();
+}

@@ -6,14 +6,17 @@
 //! application/octet-stream`, answered with the number of subscribers reached). Admin traffic
 //! is rare and small, so it lives off the shards: it talks to each shard over the control
 //! channel and never touches shard state directly. One request per connection, bounded in
-//! size and time.
+//! size and in time: the whole request (head and body) must arrive within
+//! [`REQUEST_DEADLINE`], however it trickles in. Requests are served on their own threads, at
+//! most [`MAX_CONCURRENT`] at once (more get a 503 at once), so a few slow or stuck clients
+//! cannot keep `/healthz` from answering.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info};
 
@@ -25,6 +28,10 @@ use crate::shard::ShardSet;
 const MAX_REQUEST: usize = 8192;
 /// Largest `POST /publish` body, bytes.
 pub const MAX_PUBLISH_BYTES: usize = 1 << 20;
+/// Time for a whole request to arrive, from the accept.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// Requests served at once; beyond, 503.
+pub const MAX_CONCURRENT: usize = 8;
 
 /// A running admin listener.
 pub struct AdminServer {
@@ -47,14 +54,37 @@ impl AdminServer {
         let thread = std::thread::Builder::new()
             .name("wsedge-admin".into())
             .spawn(move || {
+                let busy = Arc::new(AtomicUsize::new(0));
                 for conn in listener.incoming() {
                     if stop2.load(Ordering::Relaxed) {
                         break;
                     }
-                    if let Ok(c) = conn {
-                        if let Err(e) = handle(c, &shards) {
-                            debug!(error = %e, "admin request failed");
+                    let mut c = match conn {
+                        Ok(c) => c,
+                        Err(e) => {
+                            // Out of descriptors, say: do not spin on it.
+                            debug!(error = %e, "admin accept failed");
+                            std::thread::sleep(Duration::from_millis(50));
+                            continue;
                         }
+                    };
+                    if busy.load(Ordering::Relaxed) >= MAX_CONCURRENT {
+                        let _ = c.set_write_timeout(Some(Duration::from_millis(200)));
+                        let _ = respond(&mut c, 503, "text/plain", "admin busy\n");
+                        continue;
+                    }
+                    busy.fetch_add(1, Ordering::Relaxed);
+                    let (shards, busy2) = (shards.clone(), busy.clone());
+                    let spawned = std::thread::Builder::new()
+                        .name("wsedge-admin-req".into())
+                        .spawn(move || {
+                            if let Err(e) = handle(c, &shards) {
+                                debug!(error = %e, "admin request failed");
+                            }
+                            busy2.fetch_sub(1, Ordering::Relaxed);
+                        });
+                    if spawned.is_err() {
+                        busy.fetch_sub(1, Ordering::Relaxed);
                     }
                 }
             })?;
@@ -81,13 +111,23 @@ impl AdminServer {
     }
 }
 
+/// Read into `chunk` unless `deadline` has passed (then `TimedOut`).
+fn read_by(c: &mut TcpStream, chunk: &mut [u8], deadline: Instant) -> std::io::Result<usize> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(std::io::ErrorKind::TimedOut.into());
+    }
+    c.set_read_timeout(Some(left))?;
+    c.read(chunk)
+}
+
 fn handle(mut c: TcpStream, shards: &ShardSet) -> std::io::Result<()> {
-    c.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let deadline = Instant::now() + REQUEST_DEADLINE;
     c.set_write_timeout(Some(Duration::from_secs(2)))?;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     let (method, path, head_len, body_len, binary) = loop {
-        let n = c.read(&mut chunk)?;
+        let n = read_by(&mut c, &mut chunk, deadline)?;
         if n == 0 {
             return Ok(());
         }
@@ -151,7 +191,7 @@ fn handle(mut c: TcpStream, shards: &ShardSet) -> std::io::Result<()> {
             }
             let mut body = buf.split_off(head_len);
             while body.len() < body_len {
-                let n = c.read(&mut chunk)?;
+                let n = read_by(&mut c, &mut chunk, deadline)?;
                 if n == 0 {
                     return Ok(());
                 }
