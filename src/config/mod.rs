@@ -599,7 +599,7 @@ impl Config {
                 .parse()
                 .map_err(|m| ConfigError::new("runtime.io", m))?,
             pin_threads: r.pin_threads,
-            drain_window: Duration::from_millis(r.drain_window_ms),
+            drain_window: capped_ms(r.drain_window_ms, "runtime.drain_window_ms")?,
             drain_timeout: positive_ms(r.drain_timeout_ms, "runtime.drain_timeout_ms")?,
         };
         if runtime.drain_window > runtime.drain_timeout {
@@ -754,7 +754,7 @@ fn validate_source(i: usize, r: &raw::RawSource) -> Result<SourceConfig, ConfigE
         subscribe: r.subscribe.clone(),
         format,
         connect_timeout: positive_ms(r.connect_timeout_ms, &p("connect_timeout_ms"))?,
-        ping_interval: (r.ping_interval_ms > 0).then(|| Duration::from_millis(r.ping_interval_ms)),
+        ping_interval: optional_ms(r.ping_interval_ms, &p("ping_interval_ms"))?,
         pong_timeout: positive_ms(r.pong_timeout_ms, &p("pong_timeout_ms"))?,
         heartbeat,
         backoff,
@@ -983,7 +983,7 @@ fn validate_listener(
             1 << 20,
             &p("max_handshake_bytes"),
         )?,
-        idle_timeout: (l.idle_timeout_ms > 0).then(|| Duration::from_millis(l.idle_timeout_ms)),
+        idle_timeout: optional_ms(l.idle_timeout_ms, &p("idle_timeout_ms"))?,
         pong_timeout: positive_ms(l.pong_timeout_ms, &p("pong_timeout_ms"))?,
         close_timeout: positive_ms(l.close_timeout_ms, &p("close_timeout_ms"))?,
         limits,
@@ -1110,11 +1110,31 @@ fn parse_addr(s: &str, path: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+/// The longest duration any `*_ms` key takes: 30 days. Longer ones are certainly typos, and
+/// deadlines far beyond it would overflow the clock arithmetic.
+pub const MAX_MS: u64 = 30 * 24 * 3600 * 1000;
+
 fn positive_ms(ms: u64, path: &str) -> Result<Duration, ConfigError> {
     if ms == 0 {
         return Err(ConfigError::new(path, "must be greater than 0"));
     }
+    capped_ms(ms, path)
+}
+
+/// A duration in ms where 0 is allowed (as "off" or as none), at most [`MAX_MS`].
+fn capped_ms(ms: u64, path: &str) -> Result<Duration, ConfigError> {
+    if ms > MAX_MS {
+        return Err(ConfigError::new(
+            path,
+            format!("{ms} ms is more than the 30 days ({MAX_MS} ms) any duration may be"),
+        ));
+    }
     Ok(Duration::from_millis(ms))
+}
+
+/// A duration in ms where 0 means off.
+fn optional_ms(ms: u64, path: &str) -> Result<Option<Duration>, ConfigError> {
+    Ok(Some(capped_ms(ms, path)?).filter(|d| !d.is_zero()))
 }
 
 /// An RFC 7230 token (header names, subprotocols).
@@ -1579,10 +1599,10 @@ fn proxy_target(
         rp,
     )?;
     let url = WsUrl::parse_with(url, &tls).map_err(|e| ConfigError::new(rp("upstream"), e))?;
-    let ms = r.connect_timeout_ms.unwrap_or(5_000);
-    if ms == 0 {
-        return Err(ConfigError::new(rp("connect_timeout_ms"), "must be > 0"));
-    }
+    let connect_timeout = positive_ms(
+        r.connect_timeout_ms.unwrap_or(5_000),
+        &rp("connect_timeout_ms"),
+    )?;
     let headers = match &r.headers {
         Some(h) => validate_headers(h, &rp("headers"))?,
         None => Vec::new(),
@@ -1590,7 +1610,7 @@ fn proxy_target(
     Ok(Some(ProxyTarget {
         url,
         headers,
-        connect_timeout: Duration::from_millis(ms),
+        connect_timeout,
         deflate: r
             .upstream_permessage_deflate
             .unwrap_or(false)
@@ -1911,6 +1931,18 @@ mod tests {
         assert_eq!(e.path, "(file)");
         let e = Config::parse(&base.replace("bind=", "max_frame_bytes=0\nbind=")).unwrap_err();
         assert_eq!(e.path, "listener[0].max_frame_bytes");
+        // Durations: at most 30 days, whether 0 means "off" or is refused.
+        for key in ["close_timeout_ms", "idle_timeout_ms"] {
+            let huge = base.replace("bind=", &format!("{key}=9223372036854775807\nbind="));
+            let e = Config::parse(&huge).unwrap_err();
+            assert_eq!(e.path, format!("listener[0].{key}"));
+            assert!(e.to_string().contains("30 days"), "{e}");
+            let max = base.replace("bind=", &format!("{key}={MAX_MS}\nbind="));
+            assert!(Config::parse(&max).is_ok(), "{key} = MAX_MS");
+        }
+        let e =
+            Config::parse(&format!("{base}[runtime]\ndrain_window_ms=2592000001\n")).unwrap_err();
+        assert_eq!(e.path, "runtime.drain_window_ms");
     }
 
     #[test]
@@ -2018,7 +2050,7 @@ mod tests {
             (
                 "path='/p'\nkind='proxy'\nupstream='ws://127.0.0.1:1/'\nconnect_timeout_ms=0",
                 "connect_timeout_ms",
-                "> 0",
+                "greater than 0",
             ),
         ] {
             let e = route(extra).unwrap_err();

@@ -828,7 +828,7 @@ fn websocket<'a>(
                 let ping_after = ticks(idle, ctx.tick);
                 ctx.conns.register(
                     ping_after,
-                    ping_after + ticks(shared.cfg.pong_timeout, ctx.tick),
+                    ping_after.saturating_add(ticks(shared.cfg.pong_timeout, ctx.tick)),
                 )
             }
             None => ctx.conns.register(0, 0),

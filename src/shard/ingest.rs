@@ -129,8 +129,10 @@ pub(crate) async fn serve(
     let registration = match cfg.idle_timeout {
         Some(idle) => {
             let ping_after = ticks(idle, ctx.tick);
-            ctx.conns
-                .register(ping_after, ping_after + ticks(cfg.pong_timeout, ctx.tick))
+            ctx.conns.register(
+                ping_after,
+                ping_after.saturating_add(ticks(cfg.pong_timeout, ctx.tick)),
+            )
         }
         None => ctx.conns.register(0, 0),
     };
