@@ -380,13 +380,21 @@ fn check_jwt(
     let mut v = jsonwebtoken::Validation::new(jwt.algorithm);
     v.leeway = 5;
     v.validate_nbf = true;
+    // jsonwebtoken checks `aud` and `iss` only when the token carries them; a route that
+    // names them must also require them, or a token that leaves them out would pass.
+    let mut required = vec!["exp"];
     match &jwt.audience {
-        Some(a) => v.set_audience(&[a]),
+        Some(a) => {
+            v.set_audience(&[a]);
+            required.push("aud");
+        }
         None => v.validate_aud = false,
     }
     if let Some(i) = &jwt.issuer {
         v.set_issuer(&[i]);
+        required.push("iss");
     }
+    v.set_required_spec_claims(&required);
     let data =
         jsonwebtoken::decode::<serde_json::Value>(token, &jwt.key, &v).map_err(|e| {
             match e.kind() {
