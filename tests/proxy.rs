@@ -293,6 +293,57 @@ fn a_held_close_does_not_buffer_the_upstream(io: IoMode) {
     );
 }
 
+/// A client that floods pings and never reads: each ping owes a pong on the client's own
+/// hop, which the proxy cannot write while the client does not read. The pongs must not
+/// pile up in wsedge: once the client reads again it gets far fewer pongs than it sent
+/// pings (the rest were replaced while queued), and the last one answers its latest ping.
+fn a_ping_flood_from_a_client_that_never_reads_is_bounded(io: IoMode) {
+    let (up, _codes) = scripted_upstream(vec![Script::NeverRead]);
+    let srv = start(
+        io,
+        1,
+        &format!(
+            "[[listener.route]]\npath = \"/p\"\nkind = \"proxy\"\nupstream = \"ws://{up}/\"\n"
+        ),
+    );
+    let mut c = Client::connect(srv.addr, "/p");
+    const PINGS: u32 = 200_000;
+    let mut wire = Vec::new();
+    for i in 0..PINGS {
+        // A masked ping (mask key 0) of 125 bytes that starts with its sequence number.
+        let mut payload = [b'p'; 125];
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        wire.extend_from_slice(&[0x89, 0x80 | 125, 0, 0, 0, 0]);
+        wire.extend_from_slice(&payload);
+    }
+    c.stream.write_all(&wire).unwrap();
+    // Read what came back: the upstream's greeting, then pongs until the latest ping's.
+    let mut conn = Conn::new(Role::Client, Limits::default());
+    let mut buf = BytesMut::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    let mut pongs = 0u32;
+    let mut last = None;
+    while last != Some(PINGS - 1) {
+        let n = c
+            .stream
+            .read(&mut chunk)
+            .expect("the pong to the last ping");
+        assert!(n > 0, "closed after {pongs} pongs");
+        buf.extend_from_slice(&chunk[..n]);
+        conn.handle_input(&mut buf).unwrap();
+        while let Some(e) = conn.poll_event() {
+            if let Event::Pong(p) = e {
+                pongs += 1;
+                last = Some(u32::from_be_bytes(p[..4].try_into().unwrap()));
+            }
+        }
+    }
+    assert!(
+        pongs < PINGS / 2,
+        "{pongs} pongs for {PINGS} pings: they were all queued"
+    );
+}
+
 /// A connection that always has work (an upstream that never stops sending, a client that
 /// reads as fast as it can) does not keep its shard to itself: another client on the same
 /// (only) shard still gets its echo, and the admin endpoint still answers. On epoll an
@@ -340,6 +391,7 @@ fn a_busy_connection_does_not_starve_its_shard(io: IoMode) {
 both_backends!(
     a_busy_connection_does_not_starve_its_shard,
     a_held_close_does_not_buffer_the_upstream,
+    a_ping_flood_from_a_client_that_never_reads_is_bounded,
     echo_through_a_real_upstream,
     forwarding_headers_and_close_codes_both_ways,
     unreachable_or_silent_upstream_gets_502,

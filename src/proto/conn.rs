@@ -92,7 +92,9 @@ pub enum Event {
         /// The payload. For unfragmented messages this shares the input buffer's allocation.
         data: Bytes,
     },
-    /// A ping. Already answered: a pong with the same payload was queued automatically.
+    /// A ping. Already answered: a pong with the same payload was queued automatically
+    /// (replacing the pong to the previous ping if that one was still waiting behind more
+    /// than [`PONG_COALESCE_AFTER`] queued bytes: the peer is not reading).
     Ping(Bytes),
     /// A pong (solicited or not).
     Pong(Bytes),
@@ -175,6 +177,12 @@ impl DeferredClose {
 /// Non-zero default for the client mask generator (xorshift64* must not be seeded with 0).
 const DEFAULT_MASK_SEED: u64 = 0x9E37_79B9_7F4A_7C15;
 
+/// Queued output beyond which the automatic pong to a ping replaces a pong to an earlier
+/// ping that is still waiting at the end of the queue. Below it every ping gets its own pong
+/// (what peers and the Autobahn suite expect); above it the peer is evidently not reading,
+/// and pongs for pings it sends meanwhile would only pile up.
+pub const PONG_COALESCE_AFTER: usize = 4096;
+
 /// A sans-IO WebSocket connection (after the HTTP upgrade).
 #[derive(Debug)]
 pub struct Conn {
@@ -190,6 +198,12 @@ pub struct Conn {
     events: VecDeque<Event>,
     /// Encoded frames not yet taken by `poll_transmit`.
     out: Vec<u8>,
+    /// Where in `out` the automatic pong to the latest ping sits, `(start, end)`, while it is
+    /// the last frame there and not yet taken (`end == 0`: none). Once more than
+    /// [`PONG_COALESCE_AFTER`] bytes wait, a ping that finds that pong still queued replaces
+    /// it (RFC 6455 §5.5.3 lets an endpoint answer only the most recent ping), so a peer that
+    /// floods pings and never reads cannot grow the queue with pongs.
+    auto_pong: (u32, u32),
     /// The frame whose header was consumed but whose payload is incomplete.
     current: Option<FrameInProgress>,
     /// Kind of the fragmented message in progress, if any.
@@ -228,6 +242,7 @@ impl Conn {
             allowed_rsv: 0,
             events: VecDeque::new(),
             out: Vec::new(),
+            auto_pong: (0, 0),
             current: None,
             fragmented: None,
             assembly: Vec::new(),
@@ -414,6 +429,7 @@ impl Conn {
     /// by [`Conn::send_shared`]: the encoded bytes become shared slices of one buffer, the
     /// payloads are passed on as they are. Returns the number of bytes moved.
     pub fn poll_transmit_frames(&mut self, frames: &mut Vec<Bytes>) -> usize {
+        self.auto_pong = (0, 0);
         if let Some(d) = self.deferred_close.take() {
             let (code, reason) = d.parts();
             self.queue_close(code, reason);
@@ -493,6 +509,7 @@ impl Conn {
     /// (no copy; the connection keeps `out`'s old allocation for future frames), otherwise
     /// the bytes are appended. Returns the number of bytes moved.
     pub fn poll_transmit(&mut self, out: &mut Vec<u8>) -> usize {
+        self.auto_pong = (0, 0);
         if let Some(d) = self.deferred_close.take() {
             let (code, reason) = d.parts();
             self.queue_close(code, reason);
@@ -732,8 +749,21 @@ impl Conn {
             OpCode::Text | OpCode::Binary | OpCode::Continuation => self.on_data(frame, payload),
             OpCode::Ping => {
                 if self.state == State::Open {
+                    let (start, end) = self.auto_pong;
+                    if end != 0
+                        && end as usize == self.out.len()
+                        && self.out.len() > PONG_COALESCE_AFTER
+                    {
+                        // The previous pong was not taken yet: answer only this ping.
+                        self.out.truncate(start as usize);
+                    }
+                    let start = self.out.len();
                     let mask = self.next_mask();
                     encode_frame(true, OpCode::Pong, &payload, mask, &mut self.out);
+                    self.auto_pong = match (u32::try_from(start), u32::try_from(self.out.len())) {
+                        (Ok(s), Ok(e)) => (s, e),
+                        _ => (0, 0),
+                    };
                     self.events.push_back(Event::Ping(payload.freeze()));
                 }
                 Ok(())
@@ -1509,6 +1539,78 @@ mod tests {
         );
         assert_eq!(s.state(), State::Failed);
         assert_eq!(s.pending_transmit(), 0);
+    }
+
+    /// Pongs received by a client from everything `s` has queued, in order.
+    fn pongs(s: &mut Conn) -> Vec<Vec<u8>> {
+        let mut c = client();
+        pump(s, &mut c, 4096)
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Pong(p) => Some(p.to_vec()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_ping_is_answered_until_the_peer_stops_reading() {
+        // A short burst, as Autobahn 2.10 sends: one pong each, in order.
+        let mut s = server();
+        let wire: Vec<u8> = (0..10u8)
+            .flat_map(|i| cf(true, OpCode::Ping, &[i; 9]))
+            .collect();
+        feed(&mut s, &wire, 4096).unwrap();
+        assert_eq!(events(&mut s).len(), 10);
+        let expected: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 9]).collect();
+        assert_eq!(pongs(&mut s), expected);
+
+        // A flood that is never taken: the queue stops growing past the threshold plus one
+        // pong, every ping is still reported, and the last pong answers the latest ping.
+        let n = 10_000u32;
+        let wire: Vec<u8> = (0..n)
+            .flat_map(|i| cf(true, OpCode::Ping, &i.to_be_bytes()))
+            .collect();
+        feed(&mut s, &wire, 1000).unwrap();
+        assert_eq!(events(&mut s).len(), n as usize);
+        assert!(s.pending_transmit() <= PONG_COALESCE_AFTER + 2 + 125);
+        let got = pongs(&mut s);
+        assert!(got.len() < PONG_COALESCE_AFTER);
+        assert_eq!(got.last().unwrap(), &(n - 1).to_be_bytes());
+        // Taken output starts afresh: the next pongs are answered one by one again.
+        feed(
+            &mut s,
+            &[cf(true, OpCode::Ping, b"a"), cf(true, OpCode::Ping, b"b")].concat(),
+            99,
+        )
+        .unwrap();
+        assert_eq!(pongs(&mut s), [b"a".to_vec(), b"b".to_vec()]);
+
+        // A pong that is not the last frame queued is never replaced (it has other frames
+        // after it), and a data message is never lost to coalescing.
+        let mut s = server();
+        s.send(MessageKind::Binary, &[0; PONG_COALESCE_AFTER])
+            .unwrap();
+        feed(&mut s, &cf(true, OpCode::Ping, b"1"), 99).unwrap();
+        s.send(MessageKind::Text, b"between").unwrap();
+        feed(
+            &mut s,
+            &[cf(true, OpCode::Ping, b"2"), cf(true, OpCode::Ping, b"3")].concat(),
+            99,
+        )
+        .unwrap();
+        let mut c = client();
+        let evs = pump(&mut s, &mut c, 4096).unwrap();
+        assert_eq!(
+            evs,
+            [
+                msg(MessageKind::Binary, &[0; PONG_COALESCE_AFTER]),
+                Event::Pong(Bytes::from_static(b"1")),
+                msg(MessageKind::Text, b"between"),
+                Event::Pong(Bytes::from_static(b"3")),
+            ]
+        );
     }
 
     #[test]
