@@ -203,6 +203,45 @@ fn close_on_error_closes_with_1007(io: IoMode) {
     assert!(m.contains("wsedge_ingest_refused_total 1\n"), "{m}");
 }
 
+/// The route's byte rate applies to ingest clients: the message over it closes the client
+/// with 1008, and it and the ones after it are refused (counted), never written.
+fn rate_limits_close_with_1008_and_count_the_refused(io: IoMode) {
+    let d = Dir::new(&format!("rl-{io:?}"));
+    let out = d.file("s");
+    let srv = server(
+        io,
+        "[[listener.route]]\npath = \"/in\"\nkind = \"ingest\"\nsink = \"s\"\nformat = \"text\"\n\
+         max_bytes_per_second = 1000\n",
+        &format!(
+            "[[sink]]\nname = \"s\"\npath = \"{}\"\nmax_batch_delay_ms = 10\n",
+            out.display()
+        ),
+    );
+    let mut c = Client::connect(srv.addr, "/in");
+    for i in 0..5 {
+        c.send_text(&format!("{i}{}", "x".repeat(299)));
+    }
+    assert_eq!(c.expect_close(), Some(CloseCode::POLICY));
+    let t = srv.wait_for("counted", |t| {
+        t.ingest_accepted + t.ingest_refused == 5 && t.closes(1008) == 1
+    });
+    // A one-second burst of 1000 bytes holds three 300-byte messages.
+    assert_eq!((t.ingest_accepted, t.ingest_refused), (3, 2));
+    assert_eq!(t.rate_limit_closes, vec![("messages", 0), ("bytes", 1)]);
+    let written = (0..50)
+        .map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            lines(&out)
+        })
+        .find(|l| l.len() == 3)
+        .expect("the three accepted messages written");
+    assert!(
+        written
+            .iter()
+            .all(|l| l.len() == 300 && l.as_bytes()[0] < b'3')
+    );
+}
+
 /// A client that never answers our 1007 close does not hold its
 /// connection: after `close_timeout_ms` the server drops it.
 fn an_unanswered_close_times_out(io: IoMode) {
@@ -432,4 +471,5 @@ both_backends!(
     compression_framing_and_rotation,
     close_on_error_closes_with_1007,
     an_unanswered_close_times_out,
+    rate_limits_close_with_1008_and_count_the_refused,
 );

@@ -159,6 +159,31 @@ fn serve_scripted(s: &mut TcpStream, script: Script, tx: &mpsc::Sender<Option<u1
     }
 }
 
+/// The route's message rate applies to the client's messages: the first one over it
+/// closes the client with 1008 and the upstream with 1001, and is not passed on.
+fn rate_limits_close_the_client_with_1008(io: IoMode) {
+    let (up, codes) = scripted_upstream(vec![Script::ReportClientClose]);
+    let srv = proxy_to(io, &format!("ws://{up}/"), "max_messages_per_second = 10");
+    let mut c = Client::connect(srv.addr, "/p");
+    let _ = c.recv();
+    for _ in 0..50 {
+        c.send_text("x");
+    }
+    assert_eq!(c.expect_close(), Some(CloseCode::POLICY));
+    assert_eq!(
+        codes.recv_timeout(common::READ_TIMEOUT).unwrap(),
+        Some(CloseCode::GOING_AWAY.0)
+    );
+    let t = srv.wait_for("the 1008 close", |t| t.closes(1008) == 1);
+    assert_eq!(t.rate_limit_closes, vec![("messages", 1), ("bytes", 0)]);
+    // One second of burst (10), and what refilled while the 50 were sent.
+    let passed = t.proxy.to_upstream_messages;
+    assert!(
+        (10..=12).contains(&passed),
+        "{passed} messages passed upstream"
+    );
+}
+
 fn forwarding_headers_and_close_codes_both_ways(io: IoMode) {
     let (up, codes) = scripted_upstream(vec![Script::ReportClientClose, Script::CloseWith4001]);
     let srv = proxy_to(io, &format!("ws://{up}/feed?x=1"), "");
@@ -394,6 +419,7 @@ both_backends!(
     a_ping_flood_from_a_client_that_never_reads_is_bounded,
     echo_through_a_real_upstream,
     forwarding_headers_and_close_codes_both_ways,
+    rate_limits_close_the_client_with_1008,
     unreachable_or_silent_upstream_gets_502,
     a_stalled_upstream_stops_the_client_flow,
 );

@@ -174,7 +174,16 @@ pub(crate) fn serve(
             Target::Upstream(up) => {
                 // Boxed, and built in a plain function: a future constructed in this async
                 // block would take its size in the task state of every connection.
-                boxed_relay(ctx, shared, &stream, rest, up, deflate).await
+                boxed_relay(
+                    ctx,
+                    shared,
+                    &shared.cfg.routes[route],
+                    &stream,
+                    rest,
+                    up,
+                    deflate,
+                )
+                .await
             }
             Target::Ingest(meta) => {
                 let r = &shared.cfg.routes[route];
@@ -249,13 +258,14 @@ fn boxed_ingest<'a>(
 fn boxed_relay<'a>(
     ctx: &'a ShardCtx,
     shared: &'a ListenerShared,
+    route: &'a Route,
     stream: &'a Stream,
     rest: BytesMut,
     up: super::client::Upstream,
     deflate: Option<DeflateParams>,
 ) -> LocalBoxFuture<'a, u16> {
     let conn = server_conn(ctx, &shared.cfg, deflate.as_ref());
-    Box::pin(proxy::relay(ctx, shared, stream, rest, up, conn))
+    Box::pin(proxy::relay(ctx, shared, route, stream, rest, up, conn))
 }
 
 /// A topic or echo route's topic state (if it has a topic) and protocol core.

@@ -3,6 +3,10 @@
 //! invalid ones (with the reason) to its dead-letter sink, and stop reading while a sink is
 //! full.
 //!
+//! The route's `max_messages_per_second` / `max_bytes_per_second` apply: the first message
+//! over them closes the client with 1008, and it and the ones after it are refused
+//! (`wsedge_ingest_refused_total`).
+//!
 //! A simpler loop than the general driver: ingest traffic flows client → server, so the loop
 //! is sequential (read, validate, hand over, write what the protocol core queued: pongs,
 //! the close). Handing a chunk to a full sink waits, and while it waits nothing is read from
@@ -12,6 +16,7 @@
 
 use std::borrow::Cow;
 use std::pin::pin;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use compio::BufResult;
@@ -25,6 +30,7 @@ use super::stream::Stream;
 use super::{ListenerShared, ShardCtx, signal};
 use crate::config::{IngestRoute, MetaField, Route};
 use crate::proto::{CloseCode, Conn, Event, MessageKind, State, UpgradeRequest};
+use crate::ratelimit::MessageLimiter;
 
 /// Why a message is invalid for the route, or `None` if it is valid.
 fn invalid(ing: &IngestRoute, kind: MessageKind, data: &[u8]) -> Option<Cow<'static, str>> {
@@ -140,8 +146,15 @@ pub(crate) async fn serve(
     let mut read_fut = pin!(Fuse::terminated());
     let mut timer: Fuse<LocalBoxFuture<'_, ()>> = Fuse::terminated();
     let mut eof = false;
-    // Set when we close for an invalid message (`on_error = "close"`).
+    // Set when we close for an invalid message (`on_error = "close"`) or a rate limit.
     let mut refused = false;
+    // The route's inbound rates (boxed: most routes have none).
+    let mut limiter = MessageLimiter::new(
+        route.max_messages_per_second,
+        route.max_bytes_per_second,
+        Instant::now(),
+    )
+    .map(Box::new);
 
     loop {
         if pending_input {
@@ -155,6 +168,7 @@ pub(crate) async fn serve(
             super::driver::note_deflate(ctx, &mut conn, failed.as_ref());
             let mut good: Vec<Bytes> = Vec::new();
             let mut dead: Vec<Bytes> = Vec::new();
+            let now = limiter.is_some().then(Instant::now);
             while let Some(ev) = conn.poll_event() {
                 match ev {
                     Event::Message { kind, data } => {
@@ -165,6 +179,18 @@ pub(crate) async fn serve(
                         if refused {
                             ctx.metrics.on_ingest_refused(1);
                             continue;
+                        }
+                        if let (Some(l), Some(now)) = (limiter.as_deref_mut(), now) {
+                            if let Err(why) = l.admit(data.len(), now) {
+                                // Over the route's rate: this message and the rest are not
+                                // taken (counted as refused), the client is closed with 1008.
+                                ctx.metrics.on_ingest_refused(1);
+                                ctx.metrics.on_rate_limit_close(why);
+                                refused = true;
+                                code.get_or_insert(CloseCode::POLICY.0);
+                                let _ = conn.close(CloseCode::POLICY, "rate limit exceeded");
+                                continue;
+                            }
                         }
                         match invalid(ing, kind, &data) {
                             None => good.push(match meta.as_deref() {

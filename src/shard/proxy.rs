@@ -9,6 +9,10 @@
 //! and at least `max_pending_write_bytes` queued behind it, so a slow reader on either end
 //! stops the TCP flow from the other end instead of growing wsedge's memory.
 //!
+//! The route's `max_messages_per_second` / `max_bytes_per_second` apply to the client's
+//! messages as on other routes: the first one over the limit closes the client with 1008
+//! and the upstream with 1001, and is not passed on.
+//!
 //! Closing: a close frame from one side is passed to the other with the same code and reason
 //! (1005 "no code" becomes 1000). A client that breaks the protocol has the upstream closed
 //! with 1001 at once, and gets its own close (1002, 1007, 1009) after the upstream's close
@@ -18,6 +22,7 @@
 
 use std::net::IpAddr;
 use std::pin::pin;
+use std::time::Instant;
 
 use bytes::BytesMut;
 use compio::BufResult;
@@ -28,8 +33,9 @@ use tracing::debug;
 use super::client::{self, Side, Upstream, UpstreamError};
 use super::stream::Stream;
 use super::{ListenerShared, ShardCtx};
-use crate::config::ProxyTarget;
+use crate::config::{ProxyTarget, Route};
 use crate::proto::{CloseCode, Conn, Event, State, UpgradeRequest};
+use crate::ratelimit::MessageLimiter;
 use crate::upstream::Forwarding;
 
 /// Connect a proxy route's upstream for the client request `req` from `peer`.
@@ -75,7 +81,13 @@ enum Direction {
 ///
 /// Messages decoded before a protocol error are passed on first, then `to` is closed, so
 /// `to`'s peer sees everything that was valid.
-fn pump(from: &mut Side<'_>, to: &mut Side<'_>, dir: Direction, ctx: &ShardCtx) -> Option<u16> {
+fn pump(
+    from: &mut Side<'_>,
+    to: &mut Side<'_>,
+    dir: Direction,
+    ctx: &ShardCtx,
+    mut limit: Option<&mut ClientLimit>,
+) -> Option<u16> {
     if !from.pending_input {
         return None;
     }
@@ -85,6 +97,7 @@ fn pump(from: &mut Side<'_>, to: &mut Side<'_>, dir: Direction, ctx: &ShardCtx) 
     let buf = from.rbuf.as_mut().expect("read buffer present");
     let failed = from.conn.handle_input(buf).err();
     super::driver::note_deflate(ctx, &mut from.conn, failed.as_ref());
+    let now = limit.is_some().then(Instant::now);
     while let Some(ev) = from.conn.poll_event() {
         match ev {
             // Err: `to` is closing; what it can no longer send is dropped with it.
@@ -93,6 +106,22 @@ fn pump(from: &mut Side<'_>, to: &mut Side<'_>, dir: Direction, ctx: &ShardCtx) 
                 match dir {
                     Direction::ToUpstream => ctx.metrics.on_message_in(n),
                     Direction::ToClient => ctx.metrics.on_proxy_from_upstream(n),
+                }
+                // The route's inbound rates (client side only): the first message over them
+                // closes the client with 1008 and the upstream with 1001; it and everything
+                // after it stay here.
+                if let (Some(l), Some(now)) = (limit.as_deref_mut(), now) {
+                    if l.tripped {
+                        continue;
+                    }
+                    if let Err(why) = l.limiter.admit(n, now) {
+                        l.tripped = true;
+                        ctx.metrics.on_rate_limit_close(why);
+                        seen.get_or_insert(CloseCode::POLICY.0);
+                        let _ = from.conn.close(CloseCode::POLICY, "rate limit exceeded");
+                        let _ = to.conn.close(CloseCode::GOING_AWAY, "client rate limited");
+                        continue;
+                    }
                 }
                 // Each hop negotiated compression on its own: compressed again if `to`
                 // did; large payloads towards a plain-TCP client go out by reference
@@ -129,11 +158,19 @@ fn pump(from: &mut Side<'_>, to: &mut Side<'_>, dir: Direction, ctx: &ShardCtx) 
     seen
 }
 
+/// The route's `max_messages_per_second` / `max_bytes_per_second` on a client's messages.
+struct ClientLimit {
+    limiter: MessageLimiter,
+    /// Exceeded: the client is being closed and its further messages are dropped.
+    tripped: bool,
+}
+
 /// Relay between the client and the upstream until both are done. Returns the close code
 /// that ended the client connection (for metrics).
 pub(crate) async fn relay(
     ctx: &ShardCtx,
     shared: &ListenerShared,
+    route: &Route,
     client: &Stream,
     client_rest: BytesMut,
     upstream: Upstream,
@@ -141,6 +178,17 @@ pub(crate) async fn relay(
     client_conn: Conn,
 ) -> u16 {
     let cfg = &shared.cfg;
+    let mut limit = MessageLimiter::new(
+        route.max_messages_per_second,
+        route.max_bytes_per_second,
+        Instant::now(),
+    )
+    .map(|limiter| {
+        Box::new(ClientLimit {
+            limiter,
+            tripped: false,
+        })
+    });
     let max_pending = cfg.max_pending_write_bytes.get();
     let up_conn = upstream.conn(cfg.limits.clone(), &ctx.metrics);
     let up_stream = upstream.stream;
@@ -153,10 +201,16 @@ pub(crate) async fn relay(
     let mut timer = pin!(Fuse::terminated());
 
     loop {
-        if let Some(cc) = pump(&mut c, &mut u, Direction::ToUpstream, ctx) {
+        if let Some(cc) = pump(
+            &mut c,
+            &mut u,
+            Direction::ToUpstream,
+            ctx,
+            limit.as_deref_mut(),
+        ) {
             code.get_or_insert(cc);
         }
-        if let Some(uc) = pump(&mut u, &mut c, Direction::ToClient, ctx) {
+        if let Some(uc) = pump(&mut u, &mut c, Direction::ToClient, ctx, None) {
             // The upstream's close code is what the client will be told.
             code.get_or_insert(uc);
         }
