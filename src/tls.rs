@@ -96,6 +96,9 @@ pub struct ServerTls {
     pub min_version: MinVersion,
     /// The configuration new handshakes use.
     pub config: Arc<ServerConfig>,
+    /// The client CA certificates `config` verifies against (empty without client auth):
+    /// a reload keeps the session state only while they stay the same.
+    client_roots: Vec<CertificateDer<'static>>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -136,7 +139,7 @@ impl ServerTls {
         client_ca: Option<PathBuf>,
         min_version: MinVersion,
     ) -> Result<Self, String> {
-        let config = build(
+        let (config, client_roots) = build(
             &default,
             &sni,
             client_auth,
@@ -151,36 +154,46 @@ impl ServerTls {
             client_ca,
             min_version,
             config,
+            client_roots,
         })
     }
 
-    /// Read the files again and build a new configuration that keeps the session cache and
-    /// ticket keys of the current one (so clients can still resume sessions). The current
-    /// configuration is left alone if anything fails.
+    /// Read the files again, build a new configuration, make it the current one and return
+    /// it. It keeps the session cache and ticket keys of the previous one (so clients can
+    /// still resume sessions) unless the client CA certificates changed: a resumed session
+    /// is not verified again, so one that began under the old CA must not skip the new one.
+    /// Nothing changes if anything fails.
     ///
     /// # Errors
     /// As [`ServerTls::new`].
-    pub fn reload(&self) -> Result<Arc<ServerConfig>, String> {
-        build(
+    pub fn reload(&mut self) -> Result<Arc<ServerConfig>, String> {
+        let (config, client_roots) = build(
             &self.default,
             &self.sni,
             self.client_auth,
             self.client_ca.as_deref(),
             self.min_version,
-            Some(&self.config),
-        )
+            Some((&self.config, &self.client_roots)),
+        )?;
+        self.config = config.clone();
+        self.client_roots = client_roots;
+        Ok(config)
     }
 }
 
-/// Build a listener's rustls configuration from its files.
+/// A built configuration and the client CA certificates it verifies against.
+type Built = (Arc<ServerConfig>, Vec<CertificateDer<'static>>);
+
+/// Build a listener's rustls configuration from its files; with `previous` (a configuration
+/// and its client CAs), keep its session state if the client CAs are the same.
 fn build(
     default: &CertFiles,
     sni: &[SniCert],
     client_auth: ClientAuth,
     client_ca: Option<&Path>,
     min_version: MinVersion,
-    previous: Option<&ServerConfig>,
-) -> Result<Arc<ServerConfig>, String> {
+    previous: Option<(&ServerConfig, &[CertificateDer<'static>])>,
+) -> Result<Built, String> {
     {
         let provider = provider();
         let mut resolver = SniResolver {
@@ -201,14 +214,16 @@ fn build(
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(min_version.versions())
             .map_err(|e| format!("TLS versions: {e}"))?;
+        let mut client_roots = Vec::new();
         let builder = match (client_auth, client_ca) {
             (ClientAuth::None, _) => builder.with_no_client_auth(),
             (_, None) => return Err("client_auth needs client_ca (the CA file)".into()),
             (auth, Some(ca)) => {
                 let mut roots = RootCertStore::empty();
-                for c in load_certs(ca)? {
+                client_roots = load_certs(ca)?;
+                for c in &client_roots {
                     roots
-                        .add(c)
+                        .add(c.clone())
                         .map_err(|e| format!("{}: not a usable CA: {e}", ca.display()))?;
                 }
                 let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
@@ -226,18 +241,18 @@ fn build(
         let mut config = builder.with_cert_resolver(Arc::new(resolver));
         config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
         match previous {
-            Some(p) => {
+            Some((p, roots)) if roots == client_roots.as_slice() => {
                 config.session_storage = p.session_storage.clone();
                 config.ticketer = p.ticketer.clone();
             }
-            None => {
+            _ => {
                 config.session_storage =
                     rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
                 config.ticketer = rustls::crypto::ring::Ticketer::new()
                     .map_err(|e| format!("TLS session tickets: {e}"))?;
             }
         }
-        Ok(Arc::new(config))
+        Ok((Arc::new(config), client_roots))
     }
 }
 
@@ -907,12 +922,14 @@ mod tests {
     #[test]
     fn reload_keeps_session_state_and_takes_the_new_certificate() {
         let pki = Pki::new("reload");
-        let srv = server(&pki, ClientAuth::None, vec![]);
+        let mut srv = server(&pki, ClientAuth::None, vec![]);
+        let before = srv.config.clone();
         // Replace the default certificate's files.
         let fresh = pki.leaf("default", "renewed", &["localhost"]);
         assert_eq!(fresh, srv.default);
         let new = srv.reload().unwrap();
-        assert!(Arc::ptr_eq(&new.ticketer, &srv.config.ticketer));
+        assert!(Arc::ptr_eq(&new.ticketer, &before.ticketer));
+        assert!(Arc::ptr_eq(&new, &srv.config));
         let cli = ClientTls::new("localhost", Some(pki.ca()), None, false).unwrap();
         let (mut c, mut s) = (client_conn(&cli).unwrap(), server_conn(&new).unwrap());
         handshake(&mut c, &mut s).unwrap();
@@ -931,7 +948,7 @@ mod tests {
     #[test]
     fn sessions_resume_also_across_a_reload() {
         let pki = Pki::new("resume");
-        let srv = server(&pki, ClientAuth::None, vec![]);
+        let mut srv = server(&pki, ClientAuth::None, vec![]);
         let cli = ClientTls::new("localhost", Some(pki.ca()), None, false).unwrap();
         let (mut c, mut s) = (
             client_conn(&cli).unwrap(),
@@ -954,6 +971,42 @@ mod tests {
             deliver_tickets(&mut c, &mut s);
             assert_eq!(c.handshake_kind(), Some(rustls::HandshakeKind::Full));
         }
+    }
+
+    /// With client certificates required, a session resumes across a reload that keeps the
+    /// client CA, and does not across one that changes it: a resumed session is not verified
+    /// again, so a client whose certificate the new CA does not sign must be refused.
+    #[test]
+    fn a_changed_client_ca_ends_session_resumption() {
+        let pki = Pki::new("resume-mtls");
+        let mut srv = server(&pki, ClientAuth::Required, vec![]);
+        let mine = pki.leaf("client", "client-1", &["svc.internal"]);
+        let cli = ClientTls::new("localhost", Some(pki.ca()), Some(mine), false).unwrap();
+        let connect = |config: &Arc<ServerConfig>| {
+            let (mut c, mut s) = (client_conn(&cli).unwrap(), server_conn(config).unwrap());
+            let r = handshake(&mut c, &mut s);
+            if r.is_ok() {
+                deliver_tickets(&mut c, &mut s);
+            }
+            r.map(|()| c.handshake_kind())
+        };
+        assert_eq!(
+            connect(&srv.config).unwrap(),
+            Some(rustls::HandshakeKind::Full)
+        );
+        // The same CA: sessions survive the reload.
+        let same = srv.reload().unwrap();
+        assert_eq!(
+            connect(&same).unwrap(),
+            Some(rustls::HandshakeKind::Resumed)
+        );
+        // Another CA in the same file: the old session must not let the client in.
+        let other = Pki::new("resume-mtls-other");
+        std::fs::copy(other.ca(), pki.ca()).unwrap();
+        let changed = srv.reload().unwrap();
+        assert!(!Arc::ptr_eq(&changed.ticketer, &same.ticketer));
+        let err = connect(&changed).unwrap_err();
+        assert!(err.to_string().contains("certificate"), "{err}");
     }
 
     #[test]

@@ -478,7 +478,8 @@ impl Server {
     }
 
     /// Re-read every TLS listener's certificate and key files (SIGHUP). New handshakes use
-    /// the new certificates; open connections keep theirs; session tickets stay valid. A
+    /// the new certificates; open connections keep theirs; session tickets stay valid unless
+    /// the client CA changed (then every client makes a full handshake again). A
     /// listener whose files do not load keeps its current certificates.
     ///
     /// # Errors
@@ -490,7 +491,6 @@ impl Server {
             let name = &self.listen_addrs[*idx].0;
             match spec.reload() {
                 Ok(config) => {
-                    spec.config = config.clone();
                     // Returns once every shard has it: the next handshake uses it.
                     self.set.ask(|_, reply| Control::TlsReload {
                         listener: *idx,
