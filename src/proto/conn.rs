@@ -177,6 +177,10 @@ impl DeferredClose {
 /// Non-zero default for the client mask generator (xorshift64* must not be seeded with 0).
 const DEFAULT_MASK_SEED: u64 = 0x9E37_79B9_7F4A_7C15;
 
+/// Most [`Conn::bytes_needed`] asks for in the middle of a compressed frame, whose pieces are
+/// inflated and consumed as they arrive (a `u32` like the frame length).
+const COMPRESSED_READ_HINT: u32 = 64 * 1024;
+
 /// Queued output beyond which the automatic pong to a ping replaces a pong to an earlier
 /// ping that is still waiting at the end of the queue. Below it every ping gets its own pong
 /// (what peers and the Autobahn suite expect); above it the peer is evidently not reading,
@@ -537,6 +541,7 @@ impl Conn {
     /// How many more input bytes are needed to complete the frame whose header has been
     /// parsed; 0 if no header is pending (unknown). A read-size hint: after `handle_input`
     /// returns, `buf.reserve(conn.bytes_needed())` lets the next read complete the frame.
+    /// In a compressed frame (inflated piece by piece) it is at most 64 KiB.
     pub fn bytes_needed(&self) -> usize {
         self.needed as usize
     }
@@ -588,7 +593,10 @@ impl Conn {
                     frame.processed += take as u32;
                 }
                 if frame.processed < frame.len {
-                    self.needed = frame.len - frame.processed;
+                    // The payload does not stay in `buf`, so the hint is one piece, not the
+                    // rest of the frame: a peer announcing a huge compressed frame must not
+                    // make the caller reserve room for all of it.
+                    self.needed = (frame.len - frame.processed).min(COMPRESSED_READ_HINT);
                     self.current = Some(frame);
                     return Ok(());
                 }
@@ -1790,6 +1798,34 @@ mod tests {
     }
 
     #[test]
+    fn a_compressed_frame_asks_for_one_piece_at_a_time() {
+        let limits = Limits {
+            max_frame_bytes: 64 << 20,
+            max_message_bytes: 64 << 20,
+        };
+        let mut s = deflate_server(nct(), limits.clone());
+        // A header announcing 32 MiB of compressed payload, and its first bytes.
+        let payload = PeerDeflate::new(false).compress(&vec![b'a'; 1 << 20]);
+        let mut wire = Vec::new();
+        encode_header(true, OpCode::Binary, 32 << 20, Some(KEY), &mut wire);
+        wire[0] |= 0b0100_0000;
+        let mut piece = payload[..100].to_vec();
+        apply_mask(&mut piece, KEY, 0);
+        wire.extend_from_slice(&piece);
+        let mut buf = BytesMut::from(&wire[..]);
+        s.handle_input(&mut buf).unwrap();
+        assert!(buf.is_empty(), "the piece was inflated and consumed");
+        assert_eq!(s.bytes_needed(), COMPRESSED_READ_HINT as usize);
+        // An uncompressed frame still asks for all of its rest: it stays in the buffer.
+        let mut s = Conn::new(Role::Server, limits);
+        let mut wire = Vec::new();
+        encode_header(true, OpCode::Binary, 32 << 20, Some(KEY), &mut wire);
+        wire.extend_from_slice(&[0; 100]);
+        s.handle_input(&mut BytesMut::from(&wire[..])).unwrap();
+        assert_eq!(s.bytes_needed(), (32 << 20) - 100);
+    }
+
+    #[test]
     fn deflate_round_trips_with_and_without_context_takeover() {
         let texts: Vec<String> = (0..5)
             .map(|i| format!("{{\"seq\":{i},\"symbol\":\"BTC-USD\",\"price\":43125.5}}").repeat(30))
@@ -1914,7 +1950,7 @@ mod tests {
         assert_eq!(close_code_on_wire(&mut s), Some(CloseCode::TOO_BIG));
         // Fragmented the same way.
         let wire = compressed_frames(OpCode::Binary, &bomb, 40);
-        let mut s = deflate_server(nct(), limits);
+        let mut s = deflate_server(nct(), limits.clone());
         assert_eq!(
             feed(&mut s, &wire, 65536),
             Err(ProtoError::InflatedTooLarge)
