@@ -404,11 +404,11 @@ fn a_busy_connection_does_not_starve_its_shard(io: IoMode) {
     let mut other = Client::connect(srv.addr, "/echo");
     other.send_text("still here");
     assert_eq!(other.recv(), (MessageKind::Text, b"still here".to_vec()));
-    let t = srv.totals();
-    assert!(
-        t.proxy.from_upstream_messages > 0,
-        "the busy connection was relaying"
-    );
+    // The shard also answers its control channel (a snapshot request not answered within
+    // 1 s leaves that shard out, so poll: on a loaded machine one request may miss).
+    srv.wait_for("the busy connection relaying", |t| {
+        t.proxy.from_upstream_messages > 0
+    });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(reader.join().unwrap() > 0);
 }
