@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use compio::BufResult;
@@ -25,7 +26,12 @@ pub struct Target {
     pub path: String,
     /// `wss://`: the TLS client settings.
     pub tls: Option<Box<ClientTls>>,
+    /// Deadline for the TCP connect, the TLS handshake and the upgrade together.
+    pub connect_timeout: Duration,
 }
+
+/// Default of `--connect-timeout`.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Target {
     /// Parse a `ws://` URL, or a `wss://` one with default TLS settings (system roots).
@@ -42,6 +48,7 @@ impl Target {
             host: u.host,
             path: u.path,
             tls: u.tls,
+            connect_timeout: CONNECT_TIMEOUT,
         })
     }
 }
@@ -59,6 +66,9 @@ pub enum ConnectError {
     Io(std::io::Error),
     /// The TLS handshake failed (certificate refused, alert, ...).
     Tls(std::io::Error),
+    /// Connect, TLS and upgrade did not finish within the target's `connect_timeout` (a
+    /// server that does not accept, or accepts and never answers the upgrade).
+    Timeout,
 }
 
 impl ConnectError {
@@ -70,6 +80,7 @@ impl ConnectError {
             Self::Handshake(e) => format!("handshake invalid: {e}"),
             Self::Io(e) => format!("handshake io: {}", io_kind(e)),
             Self::Tls(e) => format!("tls: {e}"),
+            Self::Timeout => "connect: timeout".into(),
         }
     }
 }
@@ -95,8 +106,19 @@ pub struct WsClient {
     pub rbuf: BytesMut,
 }
 
-/// Connect to `target` (from `source` if given) and upgrade.
+/// Connect to `target` (from `source` if given) and upgrade, within the target's
+/// `connect_timeout`.
 pub async fn connect(
+    target: &Target,
+    source: Option<IpAddr>,
+    seed: u64,
+) -> Result<WsClient, ConnectError> {
+    compio::time::timeout(target.connect_timeout, connect_now(target, source, seed))
+        .await
+        .unwrap_or(Err(ConnectError::Timeout))
+}
+
+async fn connect_now(
     target: &Target,
     source: Option<IpAddr>,
     seed: u64,

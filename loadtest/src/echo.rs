@@ -125,10 +125,35 @@ fn complete(stats: &RefCell<WorkerStats>, live: &Live, t: &Timing, now: Instant,
     }
 }
 
-/// Handle received bytes; returns the number of messages completed.
+/// The payload of message `seq`: `size` bytes, the first 8 (if there is room) the sequence
+/// number, so that each echo is matched to its send.
+fn fill(payload: &mut [u8], seq: u64) {
+    if let Some(head) = payload.get_mut(..8) {
+        head.copy_from_slice(&seq.to_le_bytes());
+    }
+}
+
+/// Why an echo does not answer the oldest outstanding message, or `None` if it does.
+fn mismatch(kind: MessageKind, data: &[u8], size: usize, seq: u64) -> Option<&'static str> {
+    if kind != MessageKind::Binary {
+        Some("unexpected reply: not binary")
+    } else if data.len() != size {
+        Some("unexpected reply: wrong length")
+    } else if data.get(..8).is_some_and(|h| h != seq.to_le_bytes()) {
+        Some("unexpected reply: out of sequence (an echo was lost or reordered)")
+    } else {
+        None
+    }
+}
+
+/// Handle received bytes; returns the number of messages completed. `sent` holds the send
+/// (or scheduled) times of the outstanding messages, oldest first, the oldest being number
+/// `*answered`.
 fn on_input(
     c: &mut WsClient,
     sent: &mut VecDeque<Instant>,
+    answered: &mut u64,
+    size: usize,
     stats: &RefCell<WorkerStats>,
     live: &Live,
     t: &Timing,
@@ -140,10 +165,14 @@ fn on_input(
     let mut n = 0;
     while let Some(ev) = c.conn.poll_event() {
         match ev {
-            Event::Message { .. } => {
+            Event::Message { kind, data } => {
                 let s = sent
                     .pop_front()
                     .ok_or("unexpected message (more echoes than sends)")?;
+                if let Some(why) = mismatch(kind, &data, size, *answered) {
+                    return Err(why.into());
+                }
+                *answered += 1;
                 complete(stats, live, t, now, s);
                 n += 1;
             }
@@ -175,8 +204,10 @@ async fn drive(
     stats: &RefCell<WorkerStats>,
     live: &Live,
 ) -> Result<(), String> {
-    let payload = vec![0xA5u8; p.size];
+    let mut payload = vec![0xA5u8; p.size];
     let mut sent = VecDeque::new();
+    // Messages sent and answered so far (the next send's and the next echo's numbers).
+    let (mut seq, mut answered) = (0u64, 0u64);
     let mut out = Some(Vec::new());
     let mut next = schedule.map(|(_, offset)| t.start + offset);
     let stream = c.stream.clone();
@@ -196,9 +227,11 @@ async fn drive(
         }
         if schedule.is_none() {
             while sent.len() < p.inflight {
+                fill(&mut payload, seq);
                 c.conn
                     .send(MessageKind::Binary, &payload)
                     .map_err(|e| e.to_string())?;
+                seq += 1;
                 sent.push_back(now);
             }
         }
@@ -221,7 +254,9 @@ async fn drive(
                 match r {
                     Ok(0) => return Err("connection closed by server".into()),
                     Err(e) => return Err(format!("read: {}", client::io_kind(&e))),
-                    Ok(_) => { on_input(&mut c, &mut sent, stats, live, t)?; }
+                    Ok(_) => {
+                        on_input(&mut c, &mut sent, &mut answered, p.size, stats, live, t)?;
+                    }
                 }
             }
             BufResult(r, mut o) = write_fut => {
@@ -242,7 +277,9 @@ async fn drive(
                         if now - *n > Duration::from_millis(1) {
                             stats.borrow_mut().late_sends += 1;
                         }
+                        fill(&mut payload, seq);
                         c.conn.send(MessageKind::Binary, &payload).map_err(|e| e.to_string())?;
+                        seq += 1;
                         sent.push_back(*n);
                         *n += interval;
                     }
@@ -253,6 +290,25 @@ async fn drive(
             }
             () = end_wait => break,
         }
+    }
+    // What is still unanswered has a latency of at least its age at the end: record that
+    // lower bound, so that a server that stopped answering shows as latency instead of
+    // vanishing from the results.
+    if let Some(&oldest) = sent.front() {
+        let last_second = (t.end - t.measure_start).as_secs_f64().ceil() as usize;
+        let mut st = stats.borrow_mut();
+        for &s in &sent {
+            st.record_n(
+                last_second.saturating_sub(1),
+                0,
+                t.end.saturating_duration_since(s),
+                live,
+            );
+        }
+        st.unanswered += sent.len() as u64;
+        st.oldest_unanswered = st
+            .oldest_unanswered
+            .max(t.end.saturating_duration_since(oldest));
     }
     // A write still in flight is dropped with the connection; the close is best effort.
     if write_fut.is_terminated() {

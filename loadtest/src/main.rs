@@ -86,9 +86,26 @@ struct CommonArgs {
     /// wss:// only: no TLS session resumption (every connection a full handshake).
     #[arg(long)]
     tls_no_resume: bool,
+    /// Seconds a connection may take to connect, finish TLS and be upgraded; one that takes
+    /// longer counts as a `connect: timeout` error.
+    #[arg(long, default_value_t = client::CONNECT_TIMEOUT.as_secs_f64())]
+    connect_timeout: f64,
 }
 
 impl CommonArgs {
+    /// Parse a target URL with these options (TLS, resumption, connect timeout).
+    fn target(&self, url: &str) -> anyhow::Result<client::Target> {
+        let mut target = client::Target::parse_with(url, &self.tls())?;
+        if self.tls_no_resume {
+            target.tls = target.tls.map(|t| Box::new(t.without_resumption()));
+        }
+        target.connect_timeout = seconds("--connect-timeout", self.connect_timeout)?;
+        if target.connect_timeout.is_zero() {
+            bail!("--connect-timeout must be > 0");
+        }
+        Ok(target)
+    }
+
     /// TLS settings for wss:// targets.
     fn tls(&self) -> wsedge::upstream::TlsOptions {
         wsedge::upstream::TlsOptions {
@@ -218,12 +235,56 @@ struct IngestArgs {
     common: CommonArgs,
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().scenario {
+/// A run that completed and reported, but whose results show something went wrong (errors,
+/// lost or unanswered messages): exit status 3, so that scripts and CI notice. A run that
+/// could not be made at all (bad options, nothing connected) exits with 1; clap's usage
+/// errors exit with 2.
+#[derive(Debug)]
+struct Problems(Vec<String>);
+
+impl std::fmt::Display for Problems {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join("; "))
+    }
+}
+
+impl std::error::Error for Problems {}
+
+/// `Ok` if the run had no errors and none of `problems`, else [`Problems`].
+fn verdict(
+    errors: &std::collections::BTreeMap<String, u64>,
+    mut problems: Vec<String>,
+) -> anyhow::Result<()> {
+    let n: u64 = errors.values().sum();
+    if n > 0 {
+        problems.insert(0, format!("{n} errors"));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Problems(problems).into())
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let result = match Cli::parse().scenario {
         Scenario::Echo(a) => run_echo(a),
         Scenario::Connect(a) => run_connect(a),
         Scenario::Broadcast(a) => run_broadcast(a),
         Scenario::Ingest(a) => run_ingest(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => match e.downcast_ref::<Problems>() {
+            Some(p) => {
+                eprintln!("wsedge-load: the run completed with problems: {p}");
+                std::process::ExitCode::from(3)
+            }
+            None => {
+                eprintln!("Error: {e:?}");
+                std::process::ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -247,6 +308,36 @@ fn parse_sources(s: &str) -> anyhow::Result<Vec<IpAddr>> {
         }
     }
     Ok(out)
+}
+
+/// A seconds option as a `Duration`: finite, ≥ 0 and representable, else an error naming it
+/// (`Duration::from_secs_f64` would panic on NaN, negative or huge values).
+fn seconds(name: &str, v: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(v)
+        .map_err(|_| anyhow::anyhow!("{name} must be a finite number of seconds ≥ 0, not {v}"))
+}
+
+/// A measured window and warm-up: `--duration` > 0, `--warmup` ≥ 0.
+fn window(duration: f64, warmup: f64) -> anyhow::Result<(Duration, Duration)> {
+    let d = seconds("--duration", duration)?;
+    if d.is_zero() {
+        bail!("--duration must be > 0");
+    }
+    Ok((d, seconds("--warmup", warmup)?))
+}
+
+/// A rate option (per second over `units` connections or publishers): finite, > 0, and
+/// slow enough that each one's interval is at least 1 µs (a schedule whose step rounds to
+/// nothing would never advance).
+fn rate(name: &str, v: f64, units: usize) -> anyhow::Result<f64> {
+    let max = units as f64 * 1e6;
+    if !(v > 0.0 && v.is_finite()) {
+        bail!("{name} must be a number > 0, not {v}");
+    }
+    if v > max {
+        bail!("{name} {v} is above {max} (1 per µs for each of the {units} connections)");
+    }
+    Ok(v)
 }
 
 /// Raise RLIMIT_NOFILE to its hard limit and check the connection count fits.
@@ -298,10 +389,7 @@ fn prepare(
     common: &CommonArgs,
     conns: usize,
 ) -> anyhow::Result<(client::Target, Vec<IpAddr>)> {
-    let mut target = client::Target::parse_with(url, &common.tls())?;
-    if common.tls_no_resume {
-        target.tls = target.tls.map(|t| Box::new(t.without_resumption()));
-    }
+    let target = common.target(url)?;
     let sources = common
         .source
         .as_deref()
@@ -439,6 +527,10 @@ struct Report {
     client_cpu_pct: f64,
     late_sends: u64,
     skipped_sends: u64,
+    /// Messages unanswered when the run ended (their age is in the latencies as a lower
+    /// bound) and the age of the oldest, in ms.
+    unanswered: u64,
+    oldest_unanswered_ms: f64,
     warnings: Vec<String>,
 }
 
@@ -446,18 +538,20 @@ fn run_echo(a: EchoArgs) -> anyhow::Result<()> {
     if a.conns == 0 || a.common.threads == 0 || a.inflight == 0 {
         bail!("--conns, --threads and --inflight must be at least 1");
     }
-    if a.duration <= 0.0 || a.warmup < 0.0 {
-        bail!("--duration must be > 0 and --warmup ≥ 0");
+    if a.rate.is_some() && a.inflight != 1 {
+        bail!("--inflight is for the closed loop; with --rate the schedule sets what is in flight");
     }
+    let msg_rate = a.rate.map(|r| rate("--rate", r, a.conns)).transpose()?;
+    let (duration, warmup) = window(a.duration, a.warmup)?;
     let (target, sources) = prepare(&a.url, &a.common, a.conns)?;
     let params = Arc::new(EchoParams {
         target,
         conns: a.conns,
         size: a.size,
         inflight: a.inflight,
-        rate: a.rate,
-        duration: Duration::from_secs_f64(a.duration),
-        warmup: Duration::from_secs_f64(a.warmup),
+        rate: msg_rate,
+        duration,
+        warmup,
         sources,
     });
     let live = Arc::new(Live::default());
@@ -547,6 +641,14 @@ fn run_echo(a: EchoArgs) -> anyhow::Result<()> {
             total.late_sends
         ));
     }
+    if total.oldest_unanswered > Duration::from_secs(1) {
+        warnings.push(format!(
+            "{} messages were unanswered at the end, the oldest for {:.1} s: the server stalled \
+             or lost them (their age is in the latencies as a lower bound)",
+            total.unanswered,
+            total.oldest_unanswered.as_secs_f64()
+        ));
+    }
     let secs = params.duration.as_secs_f64();
     let report = Report {
         scenario: "echo",
@@ -570,6 +672,8 @@ fn run_echo(a: EchoArgs) -> anyhow::Result<()> {
         client_cpu_pct,
         late_sends: total.late_sends,
         skipped_sends: total.skipped_sends,
+        unanswered: total.unanswered,
+        oldest_unanswered_ms: total.oldest_unanswered.as_secs_f64() * 1e3,
         warnings,
     };
     print_summary(&report);
@@ -582,7 +686,14 @@ fn run_echo(a: EchoArgs) -> anyhow::Result<()> {
     if report.messages == 0 {
         bail!("no message completed");
     }
-    Ok(())
+    let mut problems = Vec::new();
+    if report.skipped_sends > 0 {
+        problems.push(format!("{} scheduled sends skipped", report.skipped_sends));
+    }
+    if total.oldest_unanswered > Duration::from_secs(1) {
+        problems.push(format!("{} messages unanswered", report.unanswered));
+    }
+    verdict(&report.errors, problems)
 }
 
 /// A latency for a summary card; "-" when there were no samples.
@@ -717,18 +828,20 @@ fn connect_page<'a>(
 }
 
 fn run_connect(a: ConnectArgs) -> anyhow::Result<()> {
-    if a.conns == 0 || a.common.threads == 0 || a.rate <= 0.0 || a.hold < 0.0 {
-        bail!("--conns and --threads must be at least 1, --rate > 0, --hold ≥ 0");
+    if a.conns == 0 || a.common.threads == 0 {
+        bail!("--conns and --threads must be at least 1");
     }
-    if a.churn.is_some_and(|c| c <= 0.0 || !c.is_finite()) {
-        bail!("--churn must be a positive rate (connections per second)");
+    let open_rate = rate("--rate", a.rate, a.conns)?;
+    let hold = seconds("--hold", a.hold)?;
+    if let Some(c) = a.churn {
+        rate("--churn", c, a.conns)?;
     }
     let (target, sources) = prepare(&a.url, &a.common, a.conns)?;
     let params = Arc::new(connect::ConnectParams {
         target,
         conns: a.conns,
-        rate: a.rate,
-        hold: Duration::from_secs_f64(a.hold),
+        rate: open_rate,
+        hold,
         churn: a.churn,
         sources,
     });
@@ -813,7 +926,7 @@ fn run_connect(a: ConnectArgs) -> anyhow::Result<()> {
     if report.conns_established == 0 {
         bail!("no connection could be established");
     }
-    Ok(())
+    verdict(&report.errors, Vec::new())
 }
 
 /// The `broadcast` `--json` report (documented in docs/loadtest.md).
@@ -867,15 +980,11 @@ fn run_broadcast(a: BroadcastArgs) -> anyhow::Result<()> {
             broadcast::HEADER_LEN
         );
     }
-    if !(a.rate > 0.0 && a.rate.is_finite()) {
-        bail!("--rate must be > 0");
-    }
-    if a.duration <= 0.0 || a.warmup < 0.0 {
-        bail!("--duration must be > 0 and --warmup ≥ 0");
-    }
+    rate("--rate", a.rate, a.publishers)?;
+    let (duration, warmup) = window(a.duration, a.warmup)?;
     let total_conns = a.subs + a.publishers;
     let (sub_target, sources) = prepare(&a.sub_url, &a.common, total_conns)?;
-    let pub_target = client::Target::parse_with(&a.pub_url, &a.common.tls())?;
+    let pub_target = a.common.target(&a.pub_url)?;
     let params = Arc::new(broadcast::BroadcastParams {
         pub_target,
         sub_target,
@@ -883,8 +992,8 @@ fn run_broadcast(a: BroadcastArgs) -> anyhow::Result<()> {
         publishers: a.publishers,
         size: a.size,
         rate: a.rate,
-        duration: Duration::from_secs_f64(a.duration),
-        warmup: Duration::from_secs_f64(a.warmup),
+        duration,
+        warmup,
         sources,
         epoch: Instant::now(),
     });
@@ -1088,7 +1197,16 @@ fn run_broadcast(a: BroadcastArgs) -> anyhow::Result<()> {
     if report.published == 0 {
         bail!("no message was published");
     }
-    Ok(())
+    let problems = [
+        ("lost", report.lost),
+        ("duplicated", report.duplicated),
+        ("scheduled sends skipped", report.skipped_sends),
+    ]
+    .into_iter()
+    .filter(|(_, n)| *n > 0)
+    .map(|(what, n)| format!("{n} {what}"))
+    .collect();
+    verdict(&report.errors, problems)
 }
 
 /// The `--html` report of a `broadcast` run.
@@ -1259,15 +1377,13 @@ fn run_ingest(a: IngestArgs) -> anyhow::Result<()> {
     if a.conns == 0 || a.common.threads == 0 {
         bail!("--conns and --threads must be at least 1");
     }
-    if a.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-        bail!("--rate must be > 0");
+    if let Some(r) = a.rate {
+        rate("--rate", r, a.conns)?;
     }
     if a.invalid_every == Some(0) {
         bail!("--invalid-every must be at least 1");
     }
-    if a.duration <= 0.0 || a.warmup < 0.0 {
-        bail!("--duration must be > 0 and --warmup ≥ 0");
-    }
+    let (duration, warmup) = window(a.duration, a.warmup)?;
     let (target, sources) = prepare(&a.url, &a.common, a.conns)?;
     let metrics = a
         .metrics
@@ -1286,8 +1402,8 @@ fn run_ingest(a: IngestArgs) -> anyhow::Result<()> {
         rate: a.rate,
         invalid_every: a.invalid_every,
         telemetry: a.telemetry,
-        duration: Duration::from_secs_f64(a.duration),
-        warmup: Duration::from_secs_f64(a.warmup),
+        duration,
+        warmup,
         sources,
     });
     let live = Arc::new(Live::default());
@@ -1560,7 +1676,7 @@ fn run_ingest(a: IngestArgs) -> anyhow::Result<()> {
     if report.sent == 0 {
         bail!("no message was sent");
     }
-    Ok(())
+    verdict(&report.errors, Vec::new())
 }
 
 /// Bytes per second as MB/s.

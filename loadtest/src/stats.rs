@@ -60,6 +60,11 @@ pub struct WorkerStats {
     /// Open loop: scheduled sends skipped because the connection already had
     /// [`MAX_OUTSTANDING`] messages unanswered (the server is far behind the schedule).
     pub skipped_sends: u64,
+    /// `echo`: messages still unanswered when the run ended (recorded in the histogram with
+    /// their age at the end, a lower bound of their latency, but not counted as messages).
+    pub unanswered: u64,
+    /// `echo`: age at the end of the oldest of those.
+    pub oldest_unanswered: Duration,
     /// Timeline slots whose p99 has been published to the progress line.
     published: usize,
 }
@@ -76,6 +81,8 @@ impl WorkerStats {
             churned: 0,
             late_sends: 0,
             skipped_sends: 0,
+            unanswered: 0,
+            oldest_unanswered: Duration::ZERO,
             published: 0,
         }
     }
@@ -131,6 +138,8 @@ impl WorkerStats {
         self.churned += other.churned;
         self.late_sends += other.late_sends;
         self.skipped_sends += other.skipped_sends;
+        self.unanswered += other.unanswered;
+        self.oldest_unanswered = self.oldest_unanswered.max(other.oldest_unanswered);
     }
 }
 

@@ -18,6 +18,11 @@ use wsedge::shard::Server;
 
 /// Run `wsedge-load broadcast ARGS --json FILE`; assert success; return the report.
 fn run(tag: &str, args: &[&str]) -> serde_json::Value {
+    run_expecting(tag, args, 0)
+}
+
+/// As [`run`], asserting exit status `code` (3: completed, with problems such as losses).
+fn run_expecting(tag: &str, args: &[&str], code: i32) -> serde_json::Value {
     let json = std::env::temp_dir().join(format!(
         "wsedge-load-broadcast-{}-{tag}.json",
         std::process::id()
@@ -30,8 +35,9 @@ fn run(tag: &str, args: &[&str]) -> serde_json::Value {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
+    assert_eq!(
+        out.status.code(),
+        Some(code),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -238,7 +244,8 @@ fn serve(
 fn loss_duplicates_reordering_and_delay_are_detected() {
     let addr = faulty_server();
     const SUBS: u64 = 20;
-    let r = run(
+    // Losses and duplicates make the run end with status 3.
+    let r = run_expecting(
         "faulty",
         &[
             "--pub-url",
@@ -254,6 +261,7 @@ fn loss_duplicates_reordering_and_delay_are_detected() {
             "--warmup",
             "0.5",
         ],
+        3,
     );
     assert_eq!(r["errors"].as_object().unwrap().len(), 0, "{r}");
     assert_eq!(u(&r, "subs_complete"), SUBS, "{r}");

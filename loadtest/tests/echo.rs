@@ -1,12 +1,191 @@
 //! `wsedge-load echo` against a real in-process wsedge: the run completes, reports no
-//! errors, and its message count agrees with what the server counted.
+//! errors, and its message count agrees with what the server counted. Against faulty echo
+//! servers (one that stops answering, one that answers wrongly, one that never upgrades) the
+//! faults are reported and the run ends with status 3 (or 1 if nothing connected).
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
-use common::{echo_url, run_json as run, server};
+use bytes::BytesMut;
+use common::{echo_url, run_json as run, run_json_expecting, server};
 use wsedge::metrics::merge;
+use wsedge::proto::handshake::{parse_request, write_response_101};
+use wsedge::proto::{Conn, Event, HandshakeLimits, Limits, Role};
+
+/// How a [`faulty_echo`] server misbehaves after answering `after` messages properly.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Keep reading, answer nothing more.
+    Stall,
+    /// Answer each further message with its payload reversed (the sequence number is wrong).
+    Garble,
+}
+
+/// A one-connection-at-a-time echo server with a fault.
+fn faulty_echo(after: usize, fault: Fault) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = BytesMut::new();
+                let mut chunk = vec![0u8; 65536];
+                let req = loop {
+                    let n = s.read(&mut chunk).unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Ok(Some((req, used))) = parse_request(&buf, &HandshakeLimits::default())
+                    {
+                        let _ = buf.split_to(used);
+                        break req;
+                    }
+                };
+                let mut out = Vec::new();
+                write_response_101(&req.key, None, &[], &mut out);
+                let _ = s.write_all(&out);
+                let mut conn = Conn::new(Role::Server, Limits::default());
+                let mut answered = 0;
+                loop {
+                    if conn.handle_input(&mut buf).is_err() {
+                        return;
+                    }
+                    while let Some(ev) = conn.poll_event() {
+                        if let Event::Message { kind, data } = ev {
+                            if answered < after {
+                                let _ = conn.send(kind, &data);
+                            } else if let Fault::Garble = fault {
+                                let mut d = data.to_vec();
+                                d.reverse();
+                                let _ = conn.send(kind, &d);
+                            }
+                            answered += 1;
+                        }
+                    }
+                    let mut out = Vec::new();
+                    conn.poll_transmit(&mut out);
+                    if !out.is_empty() && s.write_all(&out).is_err() {
+                        return;
+                    }
+                    let n = s.read(&mut chunk).unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A server that stops answering: the unanswered message is in the report with its age
+/// (at least the stall) as a latency, a warning says so, and the status is 3.
+#[test]
+fn a_stalled_server_shows_as_unanswered_latency() {
+    let addr = faulty_echo(50, Fault::Stall);
+    let url = format!("ws://{addr}/echo");
+    let args = [
+        "echo",
+        &url,
+        "--conns",
+        "1",
+        "--duration",
+        "2",
+        "--warmup",
+        "0",
+    ];
+    let r = run_json_expecting(&args, 3);
+    assert_eq!(r["messages"], 50, "{r}");
+    assert_eq!(r["unanswered"], 1, "{r}");
+    let oldest = r["oldest_unanswered_ms"].as_f64().unwrap();
+    assert!(oldest > 1000.0, "{r}");
+    assert!(r["latency"]["max_us"].as_f64().unwrap() > 1e6, "{r}");
+    let warnings = r["warnings"].to_string();
+    assert!(warnings.contains("unanswered"), "{warnings}");
+}
+
+/// An echo that does not match its message (here: the payload reversed, so the sequence
+/// number in its first bytes is wrong) is an error, not a completed round trip.
+#[test]
+fn a_wrong_echo_is_an_error() {
+    let addr = faulty_echo(10, Fault::Garble);
+    let url = format!("ws://{addr}/echo");
+    let args = [
+        "echo",
+        &url,
+        "--conns",
+        "1",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0",
+    ];
+    let r = run_json_expecting(&args, 3);
+    assert_eq!(r["messages"], 10, "{r}");
+    let errors = r["errors"].to_string();
+    assert!(errors.contains("out of sequence"), "{errors}");
+}
+
+/// A listener that completes TCP handshakes but never upgrades: each connection fails with
+/// `connect: timeout` after `--connect-timeout`, and the run ends instead of waiting forever.
+#[test]
+fn a_server_that_never_upgrades_times_out() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/echo", l.local_addr().unwrap());
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_wsedge-load"))
+        .args([
+            "echo",
+            &url,
+            "--conns",
+            "2",
+            "--duration",
+            "0.2",
+            "--warmup",
+            "0",
+        ])
+        .args(["--connect-timeout", "0.5"])
+        .output()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(30), "it hung");
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("connect: timeout"), "{text}");
+    drop(l);
+}
+
+/// Options that cannot make a run are refused with a message naming them.
+#[test]
+fn bad_rates_and_durations_are_refused() {
+    for (args, needle) in [
+        (&["--rate", "0"][..], "--rate must be"),
+        (&["--rate", "nan"][..], "--rate must be"),
+        (&["--rate", "1e12"][..], "1 per µs"),
+        (&["--duration", "nan"][..], "--duration must be"),
+        (&["--warmup=-1"][..], "--warmup must be"),
+        (
+            &["--rate", "10", "--inflight", "4"][..],
+            "--inflight is for the closed loop",
+        ),
+        (&["--connect-timeout", "0"][..], "--connect-timeout must be"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_wsedge-load"))
+            .args(["echo", "ws://127.0.0.1:1/echo", "--conns", "1"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
 
 #[test]
 fn closed_and_open_loop_counts_agree_with_the_server() {

@@ -60,6 +60,11 @@ fn urls(srv: &Server) -> (String, String) {
 
 /// Run `wsedge-load ingest ARGS --json FILE`; assert success; return the report.
 fn run(dir: &Dir, args: &[&str]) -> Value {
+    run_expecting(dir, args, 0)
+}
+
+/// As [`run`], asserting exit status `code` (3: the run completed with errors).
+fn run_expecting(dir: &Dir, args: &[&str], code: i32) -> Value {
     let json = dir.file("report.json");
     let out = Command::new(env!("CARGO_BIN_EXE_wsedge-load"))
         .arg("ingest")
@@ -69,8 +74,9 @@ fn run(dir: &Dir, args: &[&str]) -> Value {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
+    assert_eq!(
+        out.status.code(),
+        Some(code),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -305,8 +311,9 @@ fn a_close_on_error_is_reported_by_code() {
         &format!("[[sink]]\nname = \"main\"\npath = \"{}\"\n", main.display()),
     );
     let (url, metrics) = urls(&srv);
-    // Message 5 of each connection is invalid: the server takes 0..4 and closes with 1007.
-    let r = run(
+    // Message 5 of each connection is invalid: the server takes 0..4 and closes with 1007
+    // (errors, so the run ends with status 3).
+    let r = run_expecting(
         &d,
         &[
             &url,
@@ -321,6 +328,7 @@ fn a_close_on_error_is_reported_by_code() {
             "--metrics",
             &metrics,
         ],
+        3,
     );
     assert_eq!(r["close_codes"], serde_json::json!({"1007": 3}), "{r}");
     assert_eq!(
@@ -358,8 +366,8 @@ fn a_stalled_sink_shows_as_backpressure_on_both_sides() {
     );
     let (url, metrics) = urls(&srv);
     // Closed loop, 64 KiB messages: the socket buffers hold a few MiB, so both connections
-    // write until a write cannot complete.
-    let r = run(
+    // write until a write cannot complete (an error each: status 3).
+    let r = run_expecting(
         &d,
         &[
             &url,
@@ -374,6 +382,7 @@ fn a_stalled_sink_shows_as_backpressure_on_both_sides() {
             "--metrics",
             &metrics,
         ],
+        3,
     );
     assert!(u(&r, "blocked_writes") >= 1, "{r}");
     assert!(r["blocked_s"].as_f64().unwrap() > 0.0, "{r}");

@@ -26,6 +26,11 @@ pub fn echo_url(srv: &Server) -> String {
 
 /// Run `wsedge-load ARGS --json FILE`; assert success and a summary; return the report.
 pub fn run_json(args: &[&str]) -> serde_json::Value {
+    run_json_expecting(args, 0)
+}
+
+/// As [`run_json`], asserting exit status `code` (3: the run completed with problems).
+pub fn run_json_expecting(args: &[&str], code: i32) -> serde_json::Value {
     let json = std::env::temp_dir().join(format!(
         "wsedge-load-{}-{}-{}.json",
         std::process::id(),
@@ -38,8 +43,9 @@ pub fn run_json(args: &[&str]) -> serde_json::Value {
         .arg(&json)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
+    assert_eq!(
+        out.status.code(),
+        Some(code),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
