@@ -32,7 +32,7 @@ use wsedge::proto::{CloseCode, Event, MessageKind};
 use crate::client::{self, Target, WsClient};
 use crate::echo::Timing;
 use crate::end::End;
-use crate::stats::{Live, MAX_OUTSTANDING, WorkerStats};
+use crate::stats::{Live, MAX_OUTSTANDING, MAX_QUEUED_BYTES, WorkerStats};
 
 /// Bytes of the header at the start of every payload: publisher id (u32), sequence number
 /// (u64), scheduled send time in ns since [`BroadcastParams::epoch`] (u64), all little-endian.
@@ -470,7 +470,9 @@ async fn publish(
             () = timer => {
                 let now = Instant::now();
                 while next <= now && next < t.end {
-                    if queued - written >= MAX_OUTSTANDING as u64 {
+                    if queued - written >= MAX_OUTSTANDING as u64
+                        || c.conn.pending_transmit() >= MAX_QUEUED_BYTES
+                    {
                         // The server is not reading: skip rather than queue without bound.
                         stats.borrow_mut().skipped_sends += 1;
                     } else {

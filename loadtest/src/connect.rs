@@ -160,7 +160,7 @@ async fn hold(mut c: WsClient, end: Instant) -> Result<(), String> {
     }
     let _ = c.conn.close(CloseCode::NORMAL, "");
     c.conn.poll_transmit(&mut out);
-    let _ = stream.write_all(out).await;
+    let _ = compio::time::timeout(Duration::from_secs(1), stream.write_all(out)).await;
     // Wait (briefly) for the server's close and FIN, so the connection ends with the close
     // handshake instead of a reset.
     let _ = compio::time::timeout(Duration::from_secs(1), async {

@@ -24,6 +24,9 @@ use crate::client::{self, Target, WsClient};
 use crate::end::End;
 use crate::stats::{Live, WorkerStats};
 
+/// How long the final write (what is still queued, and the close frame) may take.
+const CLOSE_WRITE: Duration = Duration::from_millis(500);
+
 /// Parameters of one echo run.
 #[derive(Clone, Debug)]
 pub struct EchoParams {
@@ -269,7 +272,9 @@ async fn drive(
                     // Queue everything that is due; latency counts from the scheduled time.
                     let now = Instant::now();
                     while *n <= now {
-                        if sent.len() >= crate::stats::MAX_OUTSTANDING {
+                        if sent.len() >= crate::stats::MAX_OUTSTANDING
+                            || c.conn.pending_transmit() >= crate::stats::MAX_QUEUED_BYTES
+                        {
                             stats.borrow_mut().skipped_sends += 1;
                             *n += interval;
                             continue;
@@ -310,12 +315,13 @@ async fn drive(
             .oldest_unanswered
             .max(t.end.saturating_duration_since(oldest));
     }
-    // A write still in flight is dropped with the connection; the close is best effort.
+    // A write still in flight is dropped with the connection; the close is best effort, and
+    // bounded: behind it may be megabytes a server that stopped reading will never take.
     if write_fut.is_terminated() {
         let mut o = out.take().unwrap_or_default();
         let _ = c.conn.close(CloseCode::NORMAL, "");
         c.conn.poll_transmit(&mut o);
-        let _ = stream.write_all(o).await;
+        let _ = compio::time::timeout(CLOSE_WRITE, stream.write_all(o)).await;
     }
     Ok(())
 }

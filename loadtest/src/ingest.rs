@@ -44,7 +44,7 @@ use wsedge::proto::{CloseCode, Event, MessageKind, State};
 use crate::client::{self, Target, WsClient};
 use crate::echo::Timing;
 use crate::end::End;
-use crate::stats::{Live, MAX_OUTSTANDING, WorkerStats, new_hist};
+use crate::stats::{Live, MAX_OUTSTANDING, MAX_QUEUED_BYTES, WorkerStats, new_hist};
 
 /// A write that took longer than this to complete counts as blocked: on an unloaded socket a
 /// write completes in microseconds, so it waited for the server to read.
@@ -576,7 +576,9 @@ async fn drive(mut c: WsClient, id: usize, cx: Ctx<'_>, end: &End) {
                     let now = Instant::now();
                     let mut queue_failed = None;
                     while *n <= now && *n < t.end {
-                        if ob.queued.len() >= MAX_OUTSTANDING {
+                        if ob.queued.len() >= MAX_OUTSTANDING
+                            || c.conn.pending_transmit() >= MAX_QUEUED_BYTES
+                        {
                             // The server is not reading: skip rather than queue without bound.
                             stats.borrow_mut().stats.skipped_sends += 1;
                         } else if let Err(e) = ob.queue(&mut c, *n) {

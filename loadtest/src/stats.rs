@@ -15,6 +15,11 @@ use serde::Serialize;
 /// grow without bound.
 pub const MAX_OUTSTANDING: usize = 10_000;
 
+/// Open loop: most bytes one connection may have queued and not yet written. Also beyond it
+/// scheduled sends are skipped and counted: with large messages the message cap alone would
+/// let a server that stops reading grow the client by gigabytes per connection.
+pub const MAX_QUEUED_BYTES: usize = 16 << 20;
+
 /// Latency histogram in nanoseconds, 1 ns to 100 s, 3 significant digits.
 pub fn new_hist() -> Histogram<u64> {
     // Invariant: constant, valid bounds.

@@ -23,6 +23,8 @@ enum Fault {
     Stall,
     /// Answer each further message with its payload reversed (the sequence number is wrong).
     Garble,
+    /// Read nothing more.
+    Deaf,
 }
 
 /// A one-connection-at-a-time echo server with a fault.
@@ -71,6 +73,10 @@ fn faulty_echo(after: usize, fault: Fault) -> SocketAddr {
                     let mut out = Vec::new();
                     conn.poll_transmit(&mut out);
                     if !out.is_empty() && s.write_all(&out).is_err() {
+                        return;
+                    }
+                    if let (Fault::Deaf, true) = (fault, answered >= after) {
+                        std::thread::sleep(Duration::from_secs(30));
                         return;
                     }
                     let n = s.read(&mut chunk).unwrap_or(0);
@@ -131,6 +137,33 @@ fn a_wrong_echo_is_an_error() {
     assert_eq!(r["messages"], 10, "{r}");
     let errors = r["errors"].to_string();
     assert!(errors.contains("out of sequence"), "{errors}");
+}
+
+/// Open loop with large messages against a server that never reads: the client stops
+/// queueing at 16 MiB (it would otherwise hold every scheduled 1 MiB message) and counts the
+/// sends it skipped.
+#[test]
+fn a_server_that_never_reads_does_not_grow_the_client() {
+    let addr = faulty_echo(5, Fault::Deaf);
+    let url = format!("ws://{addr}/echo");
+    let args = [
+        "echo",
+        &url,
+        "--conns",
+        "1",
+        "--size",
+        "1048576",
+        "--rate",
+        "200",
+        "--duration",
+        "1",
+        "--warmup",
+        "0",
+    ];
+    let r = run_json_expecting(&args, 3);
+    let skipped = r["skipped_sends"].as_u64().unwrap();
+    // 200 scheduled; 16 MiB queued plus what the socket buffers took were sent.
+    assert!(skipped >= 100, "{r}");
 }
 
 /// A listener that completes TCP handshakes but never upgrades: each connection fails with
