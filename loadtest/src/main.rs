@@ -621,6 +621,9 @@ fn run_echo(a: EchoArgs) -> anyhow::Result<()> {
     let client_cpu_pct =
         100.0 * (cpu_end.0 - cpu0).as_secs_f64() / (cpu_end.1 - t0).as_secs_f64() / threads as f64;
     let mut warnings = Vec::new();
+    if let (Some(r), true) = (a.rate, (total.connected as usize) < a.conns) {
+        warnings.push(short_rate(r, total.connected, a.conns));
+    }
     if client_cpu_pct > 90.0 {
         warnings.push(format!(
             "the load generator used {client_cpu_pct:.0}% of its {threads} thread(s): it may be \
@@ -694,6 +697,16 @@ fn run_echo(a: EchoArgs) -> anyhow::Result<()> {
         problems.push(format!("{} messages unanswered", report.unanswered));
     }
     verdict(&report.errors, problems)
+}
+
+/// The warning for an open-loop run in which only `up` of `conns` connections (or
+/// publishers) were established: each sends its share of `rate`, so less was offered.
+fn short_rate(rate: f64, up: u64, conns: usize) -> String {
+    format!(
+        "only {up} of {conns} connections were established: each sends its share of --rate, \
+         so about {:.0} msg/s were offered, not {rate}",
+        rate * up as f64 / conns as f64
+    )
 }
 
 /// A latency for a summary card; "-" when there were no samples.
@@ -1102,6 +1115,9 @@ fn run_broadcast(a: BroadcastArgs) -> anyhow::Result<()> {
     };
     let published = shared.published_total();
     let mut warnings = Vec::new();
+    if (tally.pubs_connected as usize) < a.publishers {
+        warnings.push(short_rate(a.rate, tally.pubs_connected, a.publishers));
+    }
     if client_cpu_pct > 90.0 {
         warnings.push(format!(
             "the load generator used {client_cpu_pct:.0}% of its {threads} thread(s): it may be \
@@ -1514,6 +1530,9 @@ fn run_ingest(a: IngestArgs) -> anyhow::Result<()> {
         eprintln!();
     }
     let mut warnings = Vec::new();
+    if let (Some(r), true) = (a.rate, (total.stats.connected as usize) < a.conns) {
+        warnings.push(short_rate(r, total.stats.connected, a.conns));
+    }
     // After every connection has ended: what the server read is counted by now.
     let server = match (&metrics, before) {
         (Some(m), Some(b)) => match m.counters(&INGEST_COUNTERS) {

@@ -166,6 +166,35 @@ fn a_server_that_never_reads_does_not_grow_the_client() {
     assert!(skipped >= 100, "{r}");
 }
 
+/// Open loop with fewer connections than asked for: the refused ones are errors (status 3),
+/// and a warning says the offered rate was only their share.
+#[test]
+fn refused_connections_lower_the_offered_rate_and_say_so() {
+    let srv = server(1, "max_connections = 2");
+    let url = echo_url(&srv);
+    let args = [
+        "echo",
+        &url,
+        "--conns",
+        "4",
+        "--rate",
+        "400",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0",
+    ];
+    let r = run_json_expecting(&args, 3);
+    assert_eq!(r["conns_established"], 2, "{r}");
+    assert_eq!(r["errors"]["handshake status 503"], 2, "{r}");
+    let warnings = r["warnings"].to_string();
+    assert!(
+        warnings.contains("about 200 msg/s were offered"),
+        "{warnings}"
+    );
+    srv.shutdown();
+}
+
 /// A listener that completes TCP handshakes but never upgrades: each connection fails with
 /// `connect: timeout` after `--connect-timeout`, and the run ends instead of waiting forever.
 #[test]
