@@ -240,6 +240,24 @@ fn rate_limits_close_with_1008_and_count_the_refused(io: IoMode) {
             .iter()
             .all(|l| l.len() == 300 && l.as_bytes()[0] < b'3')
     );
+
+    // Over the rate only behind the client's own close, in one read: refused and counted,
+    // but the connection ends with the client's 1000, not a 1008 it was never sent.
+    let mut c = Client::connect(srv.addr, "/in");
+    for i in 0..4 {
+        c.conn
+            .send(
+                wsedge::proto::MessageKind::Text,
+                format!("{i}{}", "y".repeat(299)).as_bytes(),
+            )
+            .unwrap();
+    }
+    c.conn.close(CloseCode::NORMAL, "").unwrap();
+    c.flush();
+    assert_eq!(c.expect_close(), Some(CloseCode::NORMAL));
+    let t = srv.wait_for("counted", |t| t.closes(1000) == 1);
+    assert_eq!((t.ingest_accepted, t.ingest_refused), (6, 3));
+    assert_eq!(t.rate_limit_closes, vec![("messages", 0), ("bytes", 1)]);
 }
 
 /// A client that never answers our 1007 close does not hold its

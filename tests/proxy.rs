@@ -162,7 +162,7 @@ fn serve_scripted(s: &mut TcpStream, script: Script, tx: &mpsc::Sender<Option<u1
 /// The route's message rate applies to the client's messages: the first one over it
 /// closes the client with 1008 and the upstream with 1001, and is not passed on.
 fn rate_limits_close_the_client_with_1008(io: IoMode) {
-    let (up, codes) = scripted_upstream(vec![Script::ReportClientClose]);
+    let (up, codes) = scripted_upstream(vec![Script::ReportClientClose; 2]);
     let srv = proxy_to(io, &format!("ws://{up}/"), "max_messages_per_second = 10");
     let mut c = Client::connect(srv.addr, "/p");
     let _ = c.recv();
@@ -182,6 +182,23 @@ fn rate_limits_close_the_client_with_1008(io: IoMode) {
         (10..=12).contains(&passed),
         "{passed} messages passed upstream"
     );
+
+    // Over the limit only behind the client's own close (one read holds both): the message
+    // is dropped, but the close codes stay the client's, and no 1008 is counted.
+    let mut c = Client::connect(srv.addr, "/p");
+    let _ = c.recv();
+    for _ in 0..11 {
+        c.conn.send(MessageKind::Text, b"x").unwrap();
+    }
+    c.conn.close(CloseCode::NORMAL, "done").unwrap();
+    c.flush();
+    assert_eq!(c.expect_close(), Some(CloseCode::NORMAL));
+    assert_eq!(
+        codes.recv_timeout(common::READ_TIMEOUT).unwrap(),
+        Some(CloseCode::NORMAL.0)
+    );
+    let t = srv.wait_for("the 1000 close", |t| t.closes(1000) == 1);
+    assert_eq!(t.rate_limit_closes, vec![("messages", 1), ("bytes", 0)]);
 }
 
 fn forwarding_headers_and_close_codes_both_ways(io: IoMode) {

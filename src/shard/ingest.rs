@@ -183,12 +183,15 @@ pub(crate) async fn serve(
                         if let (Some(l), Some(now)) = (limiter.as_deref_mut(), now) {
                             if let Err(why) = l.admit(data.len(), now) {
                                 // Over the route's rate: this message and the rest are not
-                                // taken (counted as refused), the client is closed with 1008.
+                                // taken (counted as refused); an open client is closed with
+                                // 1008 (one already closing keeps its own close code).
                                 ctx.metrics.on_ingest_refused(1);
-                                ctx.metrics.on_rate_limit_close(why);
                                 refused = true;
-                                code.get_or_insert(CloseCode::POLICY.0);
-                                let _ = conn.close(CloseCode::POLICY, "rate limit exceeded");
+                                if conn.state() == State::Open {
+                                    ctx.metrics.on_rate_limit_close(why);
+                                    code.get_or_insert(CloseCode::POLICY.0);
+                                    let _ = conn.close(CloseCode::POLICY, "rate limit exceeded");
+                                }
                                 continue;
                             }
                         }

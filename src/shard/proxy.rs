@@ -116,10 +116,15 @@ fn pump(
                     }
                     if let Err(why) = l.limiter.admit(n, now) {
                         l.tripped = true;
-                        ctx.metrics.on_rate_limit_close(why);
-                        seen.get_or_insert(CloseCode::POLICY.0);
-                        let _ = from.conn.close(CloseCode::POLICY, "rate limit exceeded");
-                        let _ = to.conn.close(CloseCode::GOING_AWAY, "client rate limited");
+                        // Only an open client is closed for it: one already closing (its
+                        // close, a protocol error or a drain decoded in the same read)
+                        // keeps its own close code, and so does the upstream.
+                        if from.conn.state() == State::Open {
+                            ctx.metrics.on_rate_limit_close(why);
+                            seen.get_or_insert(CloseCode::POLICY.0);
+                            let _ = from.conn.close(CloseCode::POLICY, "rate limit exceeded");
+                            let _ = to.conn.close(CloseCode::GOING_AWAY, "client rate limited");
+                        }
                         continue;
                     }
                 }
