@@ -90,6 +90,9 @@ fn hs256_tokens_are_verified(io: IoMode) {
     assert_eq!(status(srv.addr, "/hs", Some(&hs256(no_aud, SECRET))), 401);
     let no_iss = json!({"aud": "wsedge", "exp": now() + 60});
     assert_eq!(status(srv.addr, "/hs", Some(&hs256(no_iss, SECRET))), 401);
+    // A claim of the wrong type is no claim.
+    let typed = json!({"aud": 5, "iss": "tests", "exp": now() + 60});
+    assert_eq!(status(srv.addr, "/hs", Some(&hs256(typed, SECRET))), 401);
     let forged = hs256(ok, "another-secret-of-enough-length-0000");
     assert_eq!(status(srv.addr, "/hs", Some(&forged)), 401);
     assert_eq!(status(srv.addr, "/hs", Some("not.a.jwt")), 401);
@@ -98,7 +101,7 @@ fn hs256_tokens_are_verified(io: IoMode) {
     for (why, n) in [
         (HandshakeFailure::JwtExpired, 1),
         (HandshakeFailure::JwtNotYetValid, 1),
-        (HandshakeFailure::JwtClaims, 3),
+        (HandshakeFailure::JwtClaims, 4),
         (HandshakeFailure::AuthInvalid, 2),
         (HandshakeFailure::AuthMissing, 1),
     ] {
