@@ -253,7 +253,7 @@ impl IngestStats {
 
     /// Record the lag of one message of the measured window.
     fn record_lag(&mut self, lag: Duration, il: &IngestLive) {
-        let ns = (lag.as_nanos() as u64).clamp(1, 100_000_000_000);
+        let ns = crate::stats::capped_ns(lag, &mut self.stats.capped);
         // Invariant: ns is clamped into the histogram's bounds.
         self.lag.record(ns).expect("in bounds");
         if lag > LATE {

@@ -621,6 +621,7 @@ fn run_echo(a: EchoArgs) -> anyhow::Result<()> {
     let client_cpu_pct =
         100.0 * (cpu_end.0 - cpu0).as_secs_f64() / (cpu_end.1 - t0).as_secs_f64() / threads as f64;
     let mut warnings = Vec::new();
+    warnings.extend(total.capped_warning());
     if let (Some(r), true) = (a.rate, (total.connected as usize) < a.conns) {
         warnings.push(short_rate(r, total.connected, a.conns));
     }
@@ -1115,6 +1116,7 @@ fn run_broadcast(a: BroadcastArgs) -> anyhow::Result<()> {
     };
     let published = shared.published_total();
     let mut warnings = Vec::new();
+    warnings.extend(total.capped_warning());
     if (tally.pubs_connected as usize) < a.publishers {
         warnings.push(short_rate(a.rate, tally.pubs_connected, a.publishers));
     }
@@ -1530,6 +1532,7 @@ fn run_ingest(a: IngestArgs) -> anyhow::Result<()> {
         eprintln!();
     }
     let mut warnings = Vec::new();
+    warnings.extend(total.stats.capped_warning());
     if let (Some(r), true) = (a.rate, (total.stats.connected as usize) < a.conns) {
         warnings.push(short_rate(r, total.stats.connected, a.conns));
     }

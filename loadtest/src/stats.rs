@@ -20,10 +20,23 @@ pub const MAX_OUTSTANDING: usize = 10_000;
 /// let a server that stops reading grow the client by gigabytes per connection.
 pub const MAX_QUEUED_BYTES: usize = 16 << 20;
 
+/// `d` in nanoseconds within the histogram's bounds (1 ns to 100 s), counting in `capped` a
+/// value above them.
+pub fn capped_ns(d: Duration, capped: &mut u64) -> u64 {
+    let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    if ns > MAX_NS {
+        *capped += 1;
+    }
+    ns.clamp(1, MAX_NS)
+}
+
+/// The histograms' upper bound: 100 s.
+const MAX_NS: u64 = 100_000_000_000;
+
 /// Latency histogram in nanoseconds, 1 ns to 100 s, 3 significant digits.
 pub fn new_hist() -> Histogram<u64> {
     // Invariant: constant, valid bounds.
-    Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("valid histogram bounds")
+    Histogram::new_with_bounds(1, MAX_NS, 3).expect("valid histogram bounds")
 }
 
 /// Counters workers update as they go, read by the progress line (single writer each).
@@ -70,6 +83,8 @@ pub struct WorkerStats {
     pub unanswered: u64,
     /// `echo`: age at the end of the oldest of those.
     pub oldest_unanswered: Duration,
+    /// Latencies above the histogram's 100 s, recorded as 100 s.
+    pub capped: u64,
     /// Timeline slots whose p99 has been published to the progress line.
     published: usize,
 }
@@ -88,6 +103,7 @@ impl WorkerStats {
             skipped_sends: 0,
             unanswered: 0,
             oldest_unanswered: Duration::ZERO,
+            capped: 0,
             published: 0,
         }
     }
@@ -111,7 +127,7 @@ impl WorkerStats {
             live.p99_us.fetch_max(p99, Ordering::Relaxed);
             self.published += 1;
         }
-        let ns = (latency.as_nanos() as u64).clamp(1, 100_000_000_000);
+        let ns = capped_ns(latency, &mut self.capped);
         // Invariant: ns is clamped into the histogram's bounds.
         self.hist.record(ns).expect("in bounds");
         self.messages += messages;
@@ -145,6 +161,18 @@ impl WorkerStats {
         self.skipped_sends += other.skipped_sends;
         self.unanswered += other.unanswered;
         self.oldest_unanswered = self.oldest_unanswered.max(other.oldest_unanswered);
+        self.capped += other.capped;
+    }
+
+    /// The report's warning if latencies were capped.
+    pub fn capped_warning(&self) -> Option<String> {
+        (self.capped > 0).then(|| {
+            format!(
+                "{} latencies were above 100 s and are recorded as 100 s (the maximum is a \
+                 lower bound)",
+                self.capped
+            )
+        })
     }
 }
 
@@ -293,5 +321,20 @@ mod tests {
         assert!(c.windows(2).all(|w| w[0].latency_us <= w[1].latency_us));
         let p50 = c.iter().find(|x| x.percentile == 50.0).unwrap().latency_us;
         assert!((4990.0..=5010.0).contains(&p50), "{p50}");
+    }
+
+    #[test]
+    fn latencies_beyond_100_s_are_capped_and_counted() {
+        let live = Live::default();
+        let mut w = WorkerStats::new();
+        w.record(0, Duration::from_millis(5), &live);
+        assert_eq!(w.capped_warning(), None);
+        w.record(0, Duration::from_secs(250), &live);
+        w.record(0, Duration::MAX, &live);
+        assert_eq!(w.capped, 2);
+        assert_eq!(w.hist.max(), w.hist.highest_equivalent(MAX_NS));
+        let mut total = WorkerStats::new();
+        total.merge(w);
+        assert!(total.capped_warning().unwrap().starts_with("2 latencies"));
     }
 }
