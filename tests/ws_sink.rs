@@ -587,6 +587,41 @@ fn unanswered_pings_mean_a_dead_connection(io: IoMode) {
     assert_eq!(lines, want, "the answering connection got everything");
 }
 
+/// An upstream that reads every batch but never answers a ping did not work, however long
+/// each session lasted: each ack timeout counts as a failure, so the backoff grows and
+/// `reconnect_max_attempts` is reached. (It used to count as productive, once it lasted
+/// ack_timeout, and the sink reconnected and re-sent at the initial delay forever.)
+fn an_upstream_that_never_confirms_is_given_up_on(io: IoMode) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        loop {
+            let mut p = Peer::accept(&l);
+            // Read everything, flush nothing: no pong ever leaves.
+            std::thread::spawn(move || while p.read_events().is_some() {});
+        }
+    });
+    let srv = start_with(
+        io,
+        1,
+        &ingest_route("/in", "up", ""),
+        &ws_sink(
+            "up",
+            port,
+            "max_batch_messages = 1\nack_timeout_ms = 150\nreconnect_initial_ms = 5\n\
+             reconnect_max_ms = 10\nreconnect_max_attempts = 3",
+        ),
+    );
+    let mut c = Client::connect(srv.addr, "/in");
+    c.send_text("{\"i\":1}");
+    let s = wait_sink(&srv, "up", "gave up", |s| s["state"] == "failed");
+    assert!(
+        s["last_error"].as_str().unwrap().contains("ack_timeout"),
+        "{s}"
+    );
+    assert_eq!(n(&s, "connects"), 3, "{s}");
+}
+
 /// A slow consumer (small receive buffer, paced reads: about 2 MB/s here) with a backlog
 /// deeper than `ack_timeout_ms` is not a dead one: it answers each 1 MiB round in about half
 /// a second, and each ack is timed from its round's write or the previous pong, so the
@@ -642,4 +677,5 @@ both_backends!(
     a_sink_that_gives_up_drops_and_counts,
     pending_batches_are_flushed_at_shutdown,
     a_slow_consumer_is_not_timed_out,
+    an_upstream_that_never_confirms_is_given_up_on,
 );

@@ -45,6 +45,9 @@ const ACK_TAG: &[u8] = b"wsedge-ack:";
 /// the protocol core holds next to the outbox.
 const ROUND_BYTES: usize = 1 << 20;
 
+/// How long a close handshake (ours at shutdown, or our reply to the upstream's) may take.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
 /// The id a pong of ours confirms, if it is one.
 fn parse_ack(p: &[u8]) -> Option<u64> {
     let id = p.strip_prefix(ACK_TAG)?;
@@ -379,6 +382,7 @@ impl WsSink<'_> {
         // Ack pings in flight: (last batch id they confirm, when sent).
         let mut pings: VecDeque<(u64, Instant)> = VecDeque::new();
         let mut confirmed = false;
+        let mut ack_timed_out = false;
         let mut ended: Option<String> = None;
         let mut close_by: Option<Instant> = None;
         // The write in flight carries the newest ack ping: its pong is awaited from when the
@@ -436,26 +440,39 @@ impl WsSink<'_> {
             // completed, or after the previous pong if that came later: a slow reader that
             // answers each round within ack_timeout keeps its connection, however deep the
             // queue in front of it. The newest ping may still be in the write in flight (at
-            // most one write, one ping each): it is not due yet.
+            // most one write, one ping each). If it is the only one outstanding, its write
+            // gets one ack_timeout and its pong another: a peer that stopped reading (zero
+            // window) is not waited for forever.
             let written = pings.len() - usize::from(ping_in_write && !pings.is_empty());
-            let due = pings
-                .front()
-                .filter(|_| written > 0)
-                .map(|(_, t)| (*t).max(last_pong) + ws.ack_timeout);
+            let due = pings.front().map(|(_, t)| {
+                let wait = if written > 0 { 1 } else { 2 };
+                (*t).max(last_pong) + ws.ack_timeout * wait
+            });
             if due.is_some_and(|d| now >= d) {
+                ack_timed_out = true;
                 ended.get_or_insert(format!(
-                    "no pong within ack_timeout_ms ({:?})",
-                    ws.ack_timeout
+                    "no pong within ack_timeout_ms ({:?}){}",
+                    ws.ack_timeout,
+                    if written > 0 {
+                        ""
+                    } else {
+                        ": the round's write did not complete"
+                    }
                 ));
                 // A peer that does not answer pings will not answer a close either.
                 break;
+            }
+            if side.conn.state() != State::Open && close_by.is_none() {
+                // Closing (the upstream's close, a protocol error): our reply may sit behind
+                // a write that never completes, so the handshake gets a deadline.
+                close_by = Some(now + CLOSE_GRACE);
             }
             if side.conn.state() == State::Open {
                 if self.done() {
                     let _ = side
                         .conn
                         .close(CloseCode::GOING_AWAY, "wsedge shutting down");
-                    close_by = Some(now + Duration::from_secs(1));
+                    close_by = Some(now + CLOSE_GRACE);
                     ended.get_or_insert("shutting down: everything delivered".into());
                 } else if side.write.is_terminated() && sent < self.outbox.len() {
                     ping_in_write = self.write_round(&mut side.conn, &mut sent, &mut pings, now);
@@ -499,7 +516,11 @@ impl WsSink<'_> {
                 () = timer => {}
             }
         }
-        let productive = confirmed || started.elapsed() >= ws.ack_timeout;
+        // A session resets the backoff if it confirmed something, or lasted ack_timeout
+        // without failing to confirm: one that ended on a missing pong did not work, however
+        // long it took to notice (else an upstream that never answers pings would be
+        // reconnected to at the initial delay forever, and never given up on).
+        let productive = confirmed || (!ack_timed_out && started.elapsed() >= ws.ack_timeout);
         (
             ended.unwrap_or_else(|| "connection ended".into()),
             productive,
