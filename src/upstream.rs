@@ -30,8 +30,9 @@ impl TlsOptions {
     }
 }
 
-/// A parsed `ws://host[:port][/path]` or `wss://` URL, resolved once.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A parsed `ws://host[:port][/path]` or `wss://` URL, resolved once. `Display` and `Debug`
+/// leave the query out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct WsUrl {
     /// `Host` header value (`host` or `host:port` as written).
     pub host: String,
@@ -61,7 +62,7 @@ impl WsUrl {
         let (secure, rest) = match url.split_once("://") {
             Some(("ws", rest)) => (false, rest),
             Some(("wss", rest)) => (true, rest),
-            _ => return Err(format!("`{url}` is not a ws:// or wss:// URL")),
+            _ => return Err(format!("`{}` is not a ws:// or wss:// URL", redacted(url))),
         };
         if !secure && tls.is_set() {
             return Err("tls_* options need a wss:// URL".into());
@@ -72,7 +73,10 @@ impl WsUrl {
             None => (rest, "/".to_string()),
         };
         if hostport.is_empty() || hostport.contains('@') {
-            return Err(format!("`{url}` has no usable host"));
+            return Err(format!(
+                "`{}` has no usable host (credentials go in headers, not the URL)",
+                redacted(url)
+            ));
         }
         // `[v6]:port`, `[v6]`, `host:port`, `host`.
         let (host, port) = match hostport.rsplit_once(':') {
@@ -111,11 +115,42 @@ impl WsUrl {
     }
 }
 
+/// For logs and errors: scheme, host and path, without the query (which may carry a token,
+/// often from `${env:NAME}`).
 impl fmt::Display for WsUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scheme = if self.tls.is_some() { "wss" } else { "ws" };
-        write!(f, "{scheme}://{}{}", self.host, self.path)
+        let path = match self.path.split_once('?') {
+            Some((p, _)) => format!("{p}?…"),
+            None => self.path.clone(),
+        };
+        write!(f, "{scheme}://{}{path}", self.host)
     }
+}
+
+impl fmt::Debug for WsUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WsUrl")
+            .field("url", &self.to_string())
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `url` for an error message: no user-info (`user:secret@`) and no query.
+fn redacted(url: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((h, _)) => (h, "?…"),
+        None => (url, ""),
+    };
+    let (scheme, rest) = head.split_once("://").unwrap_or(("", head));
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let authority = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("…@{host}"),
+        None => authority.to_string(),
+    };
+    let sep = if scheme.is_empty() { "" } else { "://" };
+    format!("{scheme}{sep}{authority}{path}{query}")
 }
 
 /// What the client's request contributes to the upstream request.
@@ -189,7 +224,22 @@ mod tests {
             (u.addr, u.path.as_str()),
             ("[::1]:81".parse().unwrap(), "/?q")
         );
-        assert_eq!(u.to_string(), "ws://[::1]:81/?q");
+        // Logs and errors never show a query or user-info: either may carry a secret.
+        assert_eq!(u.to_string(), "ws://[::1]:81/?…");
+        let u = WsUrl::parse("ws://127.0.0.1:9/feed?token=s3cret").unwrap();
+        assert_eq!(u.to_string(), "ws://127.0.0.1:9/feed?…");
+        assert_eq!(u.path, "/feed?token=s3cret", "the request still carries it");
+        assert!(!format!("{u:?}").contains("s3cret"));
+        for (bad, shown) in [
+            (
+                "ws://user:s3cret@h/x?k=s3cret",
+                "`ws://…@h/x?…` has no usable host",
+            ),
+            ("http://h/?token=s3cret", "`http://h/?…` is not a ws://"),
+        ] {
+            let e = WsUrl::parse(bad).unwrap_err();
+            assert!(e.contains(shown) && !e.contains("s3cret"), "{e}");
+        }
         for bad in ["http://x/", "ws://", "ws://h:99999/", "ws://u@h/"] {
             assert!(WsUrl::parse(bad).is_err(), "{bad}");
         }
