@@ -155,6 +155,31 @@ fn retries_with_backoff_then_connects_or_gives_up(io: IoMode) {
     );
 }
 
+/// An upstream that sends one message and hangs up at once, every time (an error reply,
+/// say): each such session is a failure, so the source backs off and, with
+/// reconnect_max_attempts, gives up, instead of redialling every few ms forever.
+fn a_flapping_upstream_is_backed_off_and_given_up_on(io: IoMode) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        loop {
+            let mut p = Peer::accept(&l);
+            p.send_text("{\"error\":\"unauthorized\"}");
+            let _ = p.conn.close(CloseCode::POLICY, "unauthorized");
+            p.flush();
+        }
+    });
+    let srv = server_with_source(
+        io,
+        &format!(
+            "url = \"ws://{up}/\"\ntopic = \"t\"\n\
+             reconnect_initial_ms = 5\nreconnect_max_ms = 10\nreconnect_max_attempts = 4"
+        ),
+    );
+    let s = wait_source(&srv, "gave up", |s| s.state == "failed");
+    assert_eq!(s.connects, 4, "{s:?}");
+}
+
 /// An upstream that completes the handshake and then neither reads nor writes (a zombie).
 fn silent_upstream_is_replaced(io: IoMode) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -218,6 +243,7 @@ fn heartbeat_reply_proves_liveness(io: IoMode) {
 }
 
 both_backends!(
+    a_flapping_upstream_is_backed_off_and_given_up_on,
     publishes_validates_and_resubscribes_after_reconnect,
     retries_with_backoff_then_connects_or_gives_up,
     silent_upstream_is_replaced,

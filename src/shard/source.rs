@@ -101,6 +101,9 @@ fn bump(c: &Cell<u64>, n: u64) {
     c.set(c.get() + n);
 }
 
+/// How long a session that received messages must have lasted to reset the backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(1);
+
 /// Run one source until it fails for good or the shard drains.
 pub(crate) async fn run(ctx: Rc<ShardCtx>, cfg: SourceConfig, stats: Rc<SourceStats>) {
     let topic: Arc<str> = Arc::from(cfg.topic.as_str());
@@ -123,9 +126,14 @@ pub(crate) async fn run(ctx: Rc<ShardCtx>, cfg: SourceConfig, stats: Rc<SourceSt
                 bump(&stats.connects, 1);
                 stats.phase.set(Phase::Connected);
                 info!(source = %cfg.name, url = %cfg.url, "source connected");
-                let end = Box::pin(session(&ctx, &cfg, &topic, up, &stats)).await;
+                let since = Instant::now();
+                let (reason, got_messages) =
+                    Box::pin(session(&ctx, &cfg, &topic, up, &stats)).await;
                 bump(&stats.disconnects, 1);
-                end
+                // Working means messages *and* staying up: an upstream that sends one (an
+                // error, say) and hangs up at once must be backed off and, with
+                // reconnect_max_attempts, given up on, not redialled every few ms forever.
+                (reason, got_messages && since.elapsed() >= STABLE_SESSION)
             }
             Err(e) => (format!("connect: {e}"), false),
         };
