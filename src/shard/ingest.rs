@@ -103,9 +103,31 @@ async fn hand_over(ctx: &ShardCtx, sink: usize, chunk: Chunk) -> bool {
         Ok(()) => true,
         Err(async_channel::TrySendError::Full(chunk)) => {
             ctx.metrics.on_ingest_wait();
+            // Counted while waiting (also if the task is dropped at the drain deadline).
+            let _waiting = Waiting::new(ctx, chunk.msgs.len() as u64);
             tx.send(chunk).await.is_ok()
         }
         Err(async_channel::TrySendError::Closed(_)) => false,
+    }
+}
+
+/// `n` messages in [`ShardCtx::ingest_waiting`] for as long as this lives.
+struct Waiting<'a> {
+    ctx: &'a ShardCtx,
+    n: u64,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(ctx: &'a ShardCtx, n: u64) -> Self {
+        ctx.ingest_waiting.set(ctx.ingest_waiting.get() + n);
+        Self { ctx, n }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let w = &self.ctx.ingest_waiting;
+        w.set(w.get().saturating_sub(self.n));
     }
 }
 

@@ -265,6 +265,9 @@ pub(crate) struct ShardCtx {
     pub(crate) drain_window: Duration,
     /// Connection tasks alive (handshaking or open), for the drain.
     pub(crate) live: std::cell::Cell<usize>,
+    /// Ingest messages validated and waiting for room in a full sink channel: if the drain
+    /// deadline passes first they are lost with their tasks, and the drain says how many.
+    pub(crate) ingest_waiting: std::cell::Cell<u64>,
     /// Sequence number of accepted connections; spreads drain closes.
     pub(crate) seq: std::cell::Cell<u64>,
     /// Broadcast topics and their local subscribers.
@@ -667,6 +670,7 @@ fn run_shard(
         tick: tick.unwrap_or(Duration::MAX),
         drain_window,
         live: std::cell::Cell::new(0),
+        ingest_waiting: std::cell::Cell::new(0),
         seq: std::cell::Cell::new(0),
         hub: Hub::default(),
         link,
@@ -768,6 +772,18 @@ fn run_shard(
                 shard = ctx.id,
                 remaining = ctx.live.get(),
                 "drain deadline reached; dropping connections"
+            );
+        }
+        let waiting = ctx.ingest_waiting.get();
+        if waiting > 0 {
+            // Their sink's channel stayed full through the drain (its upstream away): they
+            // were never handed over, so no sink counts them.
+            ctx.metrics.on_ingest_refused(waiting);
+            tracing::error!(
+                shard = ctx.id,
+                messages = waiting,
+                "drain deadline reached with ingest messages still waiting for a full sink: \
+                 they are lost (counted in wsedge_ingest_refused_total)"
             );
         }
     });
