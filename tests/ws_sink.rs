@@ -151,6 +151,17 @@ fn ws_sink(name: &str, port: u16, extra: &str) -> String {
     )
 }
 
+/// One shard with the ingest route `/in` into the WebSocket sink `up` on `port` (`extra`:
+/// sink options).
+fn sink_server(io: IoMode, port: u16, extra: &str) -> TestServer {
+    start_with(
+        io,
+        1,
+        &ingest_route("/in", "up", ""),
+        &ws_sink("up", port, extra),
+    )
+}
+
 fn ingest_route(path: &str, sink: &str, extra: &str) -> String {
     format!(
         "[[listener.route]]\npath = \"{path}\"\nkind = \"ingest\"\nsink = \"{sink}\"\n{extra}\n"
@@ -458,16 +469,11 @@ fn a_sink_that_gives_up_drops_and_counts(io: IoMode) {
         .local_addr()
         .unwrap()
         .port();
-    let srv = start_with(
+    let srv = sink_server(
         io,
-        1,
-        &ingest_route("/in", "up", ""),
-        &ws_sink(
-            "up",
-            port,
-            "reconnect_initial_ms = 5\nreconnect_max_ms = 10\nreconnect_max_attempts = 2\n\
-             max_batch_messages = 1\nbuffer_chunks = 1\nmax_pending_batches = 1",
-        ),
+        port,
+        "reconnect_initial_ms = 5\nreconnect_max_ms = 10\nreconnect_max_attempts = 2\n\
+         max_batch_messages = 1\nbuffer_chunks = 1\nmax_pending_batches = 1",
     );
     wait_sink(&srv, "up", "gave up", |s| s["state"] == "failed");
     let mut c = Client::connect(srv.addr, "/in");
@@ -550,15 +556,10 @@ fn unanswered_pings_mean_a_dead_connection(io: IoMode) {
         assert!(zombie_read > 0, "the zombie was written to");
         upstream(l, tx);
     });
-    let srv = start_with(
+    let srv = sink_server(
         io,
-        1,
-        &ingest_route("/in", "up", ""),
-        &ws_sink(
-            "up",
-            port,
-            "max_batch_messages = 5\nack_timeout_ms = 300\nreconnect_initial_ms = 10",
-        ),
+        port,
+        "max_batch_messages = 5\nack_timeout_ms = 300\nreconnect_initial_ms = 10",
     );
     let mut c = Client::connect(srv.addr, "/in");
     for i in 0..20 {
@@ -601,16 +602,11 @@ fn an_upstream_that_never_confirms_is_given_up_on(io: IoMode) {
             std::thread::spawn(move || while p.read_events().is_some() {});
         }
     });
-    let srv = start_with(
+    let srv = sink_server(
         io,
-        1,
-        &ingest_route("/in", "up", ""),
-        &ws_sink(
-            "up",
-            port,
-            "max_batch_messages = 1\nack_timeout_ms = 150\nreconnect_initial_ms = 5\n\
-             reconnect_max_ms = 10\nreconnect_max_attempts = 3",
-        ),
+        port,
+        "max_batch_messages = 1\nack_timeout_ms = 150\nreconnect_initial_ms = 5\n\
+         reconnect_max_ms = 10\nreconnect_max_attempts = 3",
     );
     let mut c = Client::connect(srv.addr, "/in");
     c.send_text("{\"i\":1}");
@@ -647,15 +643,10 @@ fn a_slow_consumer_is_not_timed_out(io: IoMode) {
             });
         }
     });
-    let srv = start_with(
+    let srv = sink_server(
         io,
-        1,
-        &ingest_route("/in", "up", ""),
-        &ws_sink(
-            "up",
-            port,
-            "max_batch_messages = 1\nack_timeout_ms = 1200\nreconnect_initial_ms = 10",
-        ),
+        port,
+        "max_batch_messages = 1\nack_timeout_ms = 1200\nreconnect_initial_ms = 10",
     );
     let mut c = Client::connect(srv.addr, "/in");
     let pad = "x".repeat(64 * 1024);

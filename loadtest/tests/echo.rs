@@ -91,23 +91,29 @@ fn faulty_echo(after: usize, fault: Fault) -> SocketAddr {
     addr
 }
 
-/// A server that stops answering: the unanswered message is in the report with its age
-/// (at least the stall) as a latency, a warning says so, and the status is 3.
-#[test]
-fn a_stalled_server_shows_as_unanswered_latency() {
-    let addr = faulty_echo(50, Fault::Stall);
-    let url = format!("ws://{addr}/echo");
-    let args = [
+/// One connection, no warm-up, against a [`faulty_echo`] for `duration` seconds with
+/// `extra` options; the run must end with status 3 (problems). Returns the report.
+fn run_faulty(after: usize, fault: Fault, duration: &str, extra: &[&str]) -> serde_json::Value {
+    let url = format!("ws://{}/echo", faulty_echo(after, fault));
+    let mut args = vec![
         "echo",
         &url,
         "--conns",
         "1",
         "--duration",
-        "2",
+        duration,
         "--warmup",
         "0",
     ];
-    let r = run_json_expecting(&args, 3);
+    args.extend_from_slice(extra);
+    run_json_expecting(&args, 3)
+}
+
+/// A server that stops answering: the unanswered message is in the report with its age
+/// (at least the stall) as a latency, a warning says so, and the status is 3.
+#[test]
+fn a_stalled_server_shows_as_unanswered_latency() {
+    let r = run_faulty(50, Fault::Stall, "2", &[]);
     assert_eq!(r["messages"], 50, "{r}");
     assert_eq!(r["unanswered"], 1, "{r}");
     let oldest = r["oldest_unanswered_ms"].as_f64().unwrap();
@@ -121,19 +127,7 @@ fn a_stalled_server_shows_as_unanswered_latency() {
 /// number in its first bytes is wrong) is an error, not a completed round trip.
 #[test]
 fn a_wrong_echo_is_an_error() {
-    let addr = faulty_echo(10, Fault::Garble);
-    let url = format!("ws://{addr}/echo");
-    let args = [
-        "echo",
-        &url,
-        "--conns",
-        "1",
-        "--duration",
-        "0.5",
-        "--warmup",
-        "0",
-    ];
-    let r = run_json_expecting(&args, 3);
+    let r = run_faulty(10, Fault::Garble, "0.5", &[]);
     assert_eq!(r["messages"], 10, "{r}");
     let errors = r["errors"].to_string();
     assert!(errors.contains("out of sequence"), "{errors}");
@@ -144,23 +138,7 @@ fn a_wrong_echo_is_an_error() {
 /// sends it skipped.
 #[test]
 fn a_server_that_never_reads_does_not_grow_the_client() {
-    let addr = faulty_echo(5, Fault::Deaf);
-    let url = format!("ws://{addr}/echo");
-    let args = [
-        "echo",
-        &url,
-        "--conns",
-        "1",
-        "--size",
-        "1048576",
-        "--rate",
-        "200",
-        "--duration",
-        "1",
-        "--warmup",
-        "0",
-    ];
-    let r = run_json_expecting(&args, 3);
+    let r = run_faulty(5, Fault::Deaf, "1", &["--size", "1048576", "--rate", "200"]);
     let skipped = r["skipped_sends"].as_u64().unwrap();
     // 200 scheduled; 16 MiB queued plus what the socket buffers took were sent.
     assert!(skipped >= 100, "{r}");
